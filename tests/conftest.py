@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny CSM checkpoints built by transformers (an implementation nobody here wrote)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TEXT_VOCAB = 264  # the tiny flavors' text vocabulary (256 bytes + specials)
+
+
+def tiny_mimi_config():
+    from transformers import MimiConfig
+
+    return MimiConfig(
+        hidden_size=32, num_filters=4, upsample_groups=32, codebook_dim=16, vector_quantization_hidden_dimension=16,
+        num_hidden_layers=1, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+        num_quantizers=32, codebook_size=2048,
+    )
+
+
+def tiny_csm_config(tie_codebooks_embeddings: bool = False):
+    """transformers CsmConfig with the same shapes as seseme's tiny flavors and csm-1b's RoPE scaling."""
+    from transformers import CsmConfig
+
+    backbone_rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 0.125, "high_freq_factor": 0.5,
+                     "original_max_position_embeddings": 1024}
+    depth_rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1 / 512, "high_freq_factor": 1 / 128,
+                  "original_max_position_embeddings": 16}
+    depth = dict(num_codebooks=32, backbone_hidden_size=64, vocab_size=2051, hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=33,
+                 rope_theta=500000, rope_scaling=depth_rope, initializer_range=0.1)
+    return CsmConfig(
+        num_codebooks=32, vocab_size=2051, text_vocab_size=TEXT_VOCAB, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+        rope_theta=500000, rope_scaling=backbone_rope, depth_decoder_config=depth, codec_config=tiny_mimi_config().to_dict(),
+        pad_token_id=262, bos_token_id=256, audio_token_id=260, audio_eos_token_id=261, initializer_range=0.1,
+        tie_codebooks_embeddings=tie_codebooks_embeddings,
+    )
+
+
+def byte_level_tokenizer():
+    """A real Hugging Face fast tokenizer (byte-level, no merges) with Llama-3's special token names."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<|begin_of_text|>"], vocab["<|end_of_text|>"] = 256, 257
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+
+
+def fill_mimi_codebooks(codec_model, seed: int = 0) -> None:
+    """Randomly initialised transformers Mimi has all-zero codebooks; give it usable ones."""
+    g = torch.Generator().manual_seed(seed)
+    for name, buf in codec_model.named_buffers():
+        if name.endswith("embed_sum"):
+            buf.copy_(torch.randn(buf.shape, generator=g))
+        elif name.endswith("cluster_usage"):
+            buf.fill_(1.0)
+
+
+def make_transformers_model(seed: int = 0, tie_codebooks_embeddings: bool = False):
+    from transformers import CsmForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = CsmForConditionalGeneration(tiny_csm_config(tie_codebooks_embeddings)).eval()
+    fill_mimi_codebooks(model.codec_model, seed)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tmp_path_factory):
+    """(transformers model, folder it was saved to in the transformers format, with tokenizer files)."""
+    model = make_transformers_model(seed=0)
+    folder = tmp_path_factory.mktemp("tiny-csm-transformers")
+    model.save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    return model, folder
