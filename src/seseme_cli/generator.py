@@ -182,6 +182,12 @@ class CSM:
         """Codes (frames, 32) -> 1-D float audio at `sample_rate` on the CPU."""
         if codes.shape[0] == 0:
             return torch.zeros(0)
+        # Ids 2048..2050 are CSM's specials, not Mimi codes. Real weights do not sample them inside a frame;
+        # random weights do, so they are decoded as code 0 rather than crashing the codec.
+        special = codes >= self.codec.cardinality
+        if special.any():
+            log.warning("%d sampled ids are special tokens, not codec codes; decoding them as code 0", int(special.sum()))
+            codes = codes.masked_fill(special, 0)
         with torch.inference_mode():
             return self.codec.decode(codes.T.to(self.device)).float().cpu().reshape(-1)
 

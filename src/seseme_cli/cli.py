@@ -1,0 +1,271 @@
+"""The `seseme` command line: `say` speaks one text; `batch`, `tune` and `bench` are still to come.
+
+Everything cheap is checked before the model loads, so a typo costs no model load. Problems are raised as
+SesemeError where they are found; `user_errors` is the one place that turns them into a single `error: ...`
+line on stderr and an exit code. Outputs appear whole or not at all (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+
+from . import audio_io
+from .checkpoints import DEFAULT_MODEL
+from .errors import InputError, SesemeError
+from .generator import FRAME_MS, Segment, load_csm_1b_optimized
+
+# Mimi's rate; context audio is read at it before the model (and so its codec) is loaded.
+SAMPLE_RATE = 24_000
+
+app = typer.Typer(
+    help="seseme: fast text-to-speech with Sesame's CSM-1B.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+# soft_wrap: a long message stays one line instead of being wrapped at the terminal width.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class Device(str, Enum):
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+# --- the CLI edge -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def user_errors():
+    """Show a SesemeError as one line and exit with its code; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except SesemeError as e:
+        err.print(f"error: {' '.join(str(e).split())}", style="bold red", markup=False)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("error: interrupted", style="bold red", markup=False)
+        raise typer.Exit(130) from None
+
+
+class _WarningsToConsole(logging.Handler):
+    """Shows the generator's warnings (logger "seseme") as `warning: ...` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"warning: {record.getMessage()}", style="yellow", markup=False)
+
+
+# --- input checks (all before the model loads) ----------------------------------------------------------
+
+def read_text(text: str | None, file: Path | None) -> str:
+    """The text to speak from TEXT, `-` (stdin) or --file, with whitespace runs collapsed to one space."""
+    if text is not None and file is not None:
+        raise InputError("give the text either as TEXT or with --file, not both")
+    if file is not None:
+        try:
+            text, where = file.read_text(encoding="utf-8"), f"--file {file}"
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read --file {file}: {getattr(e, 'strerror', None) or e}") from None
+    elif text == "-":
+        text, where = sys.stdin.read(), "standard input"
+    elif text is None:
+        raise InputError("no text to speak: give TEXT, --file PATH, or - to read standard input")
+    else:
+        where = "TEXT"
+    text = " ".join(text.split())
+    if not text:
+        raise InputError(f"the text to speak is empty ({where})")
+    return text
+
+
+def parse_context(value: str) -> tuple[Path, str, int]:
+    """AUDIO:TRANSCRIPT:SPEAKER -> (audio path, transcript, speaker). The path ends at the first ':' and the
+    speaker starts after the last one, so a transcript may contain ':'."""
+    audio, _, rest = value.partition(":")
+    transcript, sep, speaker = rest.rpartition(":")
+    usage = f"--context {value!r}: expected AUDIO:TRANSCRIPT:SPEAKER, e.g. hello.wav:Hello there.:1"
+    if not audio or not sep:
+        raise InputError(usage)
+    if not transcript.strip():
+        raise InputError(f"{usage} (the transcript is empty)")
+    try:
+        speaker_id = int(speaker)
+    except ValueError:
+        raise InputError(f"{usage} (speaker {speaker!r} is not an integer)") from None
+    if speaker_id < 0:
+        raise InputError(f"{usage} (speaker must be >= 0)")
+    return Path(audio), transcript.strip(), speaker_id
+
+
+def load_context(values: list[str]) -> list[Segment]:
+    segments = []
+    for value in values:
+        path, transcript, speaker = parse_context(value)
+        segments.append(Segment(speaker, transcript, audio_io.load_audio(path, target_sample_rate=SAMPLE_RATE)))
+    return segments
+
+
+def check_settings(speaker: int, temperature: float, topk: int, max_audio_ms: float) -> None:
+    if speaker < 0:
+        raise InputError(f"--speaker must be >= 0, got {speaker}")
+    if not temperature >= 0:  # also rejects NaN
+        raise InputError(f"--temperature must be >= 0, got {temperature}")
+    if topk < 1:
+        raise InputError(f"--topk must be at least 1, got {topk}")
+    if not (max_audio_ms > 0 and math.isfinite(max_audio_ms)):
+        raise InputError(f"--max-audio-ms must be a positive number, got {max_audio_ms}")
+
+
+def check_codes_path(path: Path) -> None:
+    if path.suffix.lower() != ".npy":
+        raise InputError(f"--codes {path}: the file name must end in .npy")
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"--codes {path}: folder {folder} does not exist")
+    if path.is_dir() or not os.access(folder, os.W_OK):
+        raise InputError(f"--codes {path}: cannot write there")
+
+
+def pick_device(device: Device | None) -> str:
+    if device is Device.cuda and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is available here (use --device cpu)")
+    return device.value if device else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- outputs ----------------------------------------------------------------------------------------------
+
+def _save_npy_temp(path: Path, array: np.ndarray) -> str:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+    except BaseException as e:
+        os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise InputError(f"cannot write --codes {path}: {e.strerror or e}") from None
+        raise
+    return tmp
+
+
+def write_outputs(output: Path, audio: torch.Tensor, codes: torch.Tensor, codes_path: Path | None) -> None:
+    """Write the audio and (optionally) the codes: both appear, or neither does."""
+    tmp = _save_npy_temp(codes_path, codes.numpy()) if codes_path else None
+    try:
+        audio_io.write_audio(output, audio, SAMPLE_RATE)
+        if tmp:
+            try:
+                os.replace(tmp, codes_path)
+            except OSError as e:
+                output.unlink(missing_ok=True)
+                raise InputError(f"cannot write --codes {codes_path}: {e.strerror or e}") from None
+            tmp = None
+    finally:
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+
+@app.command()
+def say(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Audio file to write: .wav, .flac or .ogg.")],
+    text: Annotated[Optional[str], typer.Argument(
+        metavar="TEXT", help="Text to speak; - reads it from standard input.", show_default=False)] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the text to speak from this file.")] = None,
+    speaker: Annotated[int, typer.Option(help="Speaker id of the generated voice.")] = 0,
+    context: Annotated[Optional[list[str]], typer.Option(
+        "--context", "-c", metavar="AUDIO:TRANSCRIPT:SPEAKER",
+        help="A context turn: an audio file, what is said in it, and its speaker id. Repeatable, in order.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.9,
+    topk: Annotated[int, typer.Option(help="Sample from the k most likely codes.")] = 50,
+    max_audio_ms: Annotated[float, typer.Option("--max-audio-ms", help="Longest audio to generate, in ms.")] = 90_000,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed, for repeatable output.")] = None,
+    model: Annotated[str, typer.Option(
+        help="Hugging Face id, local checkpoint, 'random' or 'tiny-random'.")] = DEFAULT_MODEL,
+    device: Annotated[Optional[Device], typer.Option(help="Where to run (default: cuda when available).")] = None,
+    codes: Annotated[Optional[Path], typer.Option(
+        "--codes", help="Also save the Mimi codes (frames x 32) to this .npy file.")] = None,
+) -> None:
+    """Speak TEXT and write it to an audio file."""
+    with user_errors():
+        words = read_text(text, file)
+        check_settings(speaker, temperature, topk, max_audio_ms)
+        audio_io.check_output_path(output)
+        if codes is not None:
+            check_codes_path(codes)
+        device_name = pick_device(device)
+        segments = load_context(context or [])
+        log = logging.getLogger("seseme")
+        if not any(isinstance(h, _WarningsToConsole) for h in log.handlers):
+            log.addHandler(_WarningsToConsole(logging.WARNING))
+
+        started = time.perf_counter()
+        with err.status(f"loading model {model} on {device_name}..."):
+            tts = load_csm_1b_optimized(model, device=device_name)
+        if tts.sample_rate != SAMPLE_RATE:
+            raise SesemeError(f"the model's codec runs at {tts.sample_rate} Hz; seseme expects {SAMPLE_RATE} Hz")
+        loaded = f"loaded {tts.description} on {device_name} in {time.perf_counter() - started:.1f} s"
+        err.print(loaded, style="dim", markup=False)
+        if tts.is_random:
+            err.print(f"WARNING: --model {model} has RANDOM weights: the output is noise, not speech.",
+                      style="bold red", markup=False)
+
+        started = time.perf_counter()
+        doing = f"encoding {len(segments)} context clip(s) and generating..." if segments else "generating..."
+        with err.status(doing):
+            frames = tts.generate_codes(words, speaker, segments, max_audio_ms, temperature, topk, seed)
+            audio = tts.decode(frames)
+        wall = time.perf_counter() - started
+        write_outputs(output, audio, frames, codes)
+
+    seconds = audio.numel() / SAMPLE_RATE
+    if frames.shape[0] == 0:
+        err.print("warning: the model stopped at once: the audio is empty", style="yellow")
+    out.print(
+        f"wrote {output}: {seconds:.2f} s of audio ({frames.shape[0]} frames of {FRAME_MS} ms) in {wall:.2f} s, "
+        f"real-time factor {seconds / wall:.2f}" + (f"; codes in {codes}" if codes else ""),
+        markup=False,
+    )
+
+
+# Stubs: they take any arguments for now, so that `seseme bench --anything` says "not implemented" too.
+_STUB = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
+
+
+def _not_implemented(command: str) -> None:
+    err.print(f"error: seseme {command}: not implemented yet", style="bold red", markup=False)
+    raise typer.Exit(2)
+
+
+@app.command(**_STUB)
+def batch() -> None:
+    """Generate many requests from a JSONL file (one JSON object per line), batched on the GPU."""
+    _not_implemented("batch")
+
+
+@app.command(**_STUB)
+def tune() -> None:
+    """Autotune the kernels and CUDA-graph buckets for this GPU and save the choices."""
+    _not_implemented("tune")
+
+
+@app.command(**_STUB)
+def bench() -> None:
+    """Measure generation speed (ms per frame, real-time factor, achieved memory bandwidth)."""
+    _not_implemented("bench")

@@ -1,0 +1,119 @@
+"""Audio file reading and atomic writing, on real files in tmp_path."""
+
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from seseme_cli.audio_io import check_output_path, load_audio, write_audio
+from seseme_cli.errors import InputError
+
+
+def _tone(seconds, rate, freq=440.0):
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def test_stereo_44k_to_mono_24k(tmp_path):
+    path = tmp_path / "stereo.wav"
+    left, right = _tone(1.5, 44100), _tone(1.5, 44100, 660.0)
+    sf.write(path, np.stack([left, right], axis=1), 44100)
+    audio = load_audio(path)
+    assert audio.dtype == torch.float32 and audio.dim() == 1
+    assert audio.shape[0] == 36000  # 1.5 s at 24 kHz
+    # Downmix is the mean of the channels: compare with resampling the mean ourselves.
+    import torchaudio.functional as AF
+    expected = AF.resample(torch.from_numpy((left + right) / 2), 44100, 24000)
+    torch.testing.assert_close(audio, expected, atol=1e-3, rtol=0)  # 16-bit file quantisation
+
+
+def test_mono_16k_to_24k_flac(tmp_path):
+    path = tmp_path / "mono.flac"
+    sf.write(path, _tone(2.0, 16000), 16000)
+    assert load_audio(path).shape == (48000,)
+    assert load_audio(path, target_sample_rate=16000).shape == (32000,)
+
+
+def test_unreadable_inputs(tmp_path):
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"this is not audio at all")
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 24000)
+    for path, reason in [(junk, "not recognised"), (tmp_path / "nope.wav", "no such file"),
+                         (empty, "no samples"), (tmp_path, "directory")]:
+        with pytest.raises(InputError, match=reason) as err:
+            load_audio(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac", ".ogg"])
+def test_write_and_read_back(tmp_path, suffix):
+    path = tmp_path / f"out{suffix}"
+    audio = torch.from_numpy(_tone(1.0, 24000))
+    audio[100] = 3.0  # out of range: clipped, not wrapped
+    write_audio(path, audio, 24000)
+    back = load_audio(path)
+    assert back.shape == audio.shape
+    # wav/flac are 16-bit PCM; ogg is lossy Vorbis, so only check it is the same signal.
+    tol = 1e-3 if suffix != ".ogg" else 0.1
+    assert (back - audio.clamp(-1, 1)).abs()[200:-200].max() < tol
+    assert back.abs().max() <= 1.0 + tol
+    assert os.listdir(tmp_path) == [path.name]  # no temp file left behind
+    assert sf.info(path).format == {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}[suffix]
+
+
+def test_unknown_suffix(tmp_path):
+    for call in (lambda p: write_audio(p, torch.zeros(10), 24000), check_output_path):
+        with pytest.raises(InputError, match=r"\.wav, \.flac, \.ogg"):
+            call(tmp_path / "out.mp3")
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_directory(tmp_path):
+    target = tmp_path / "no_such_dir" / "out.wav"
+    with pytest.raises(InputError, match="does not exist"):
+        check_output_path(target)
+    with pytest.raises(InputError, match="cannot write"):
+        write_audio(target, torch.zeros(10), 24000)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(InputError, match="cannot write"):
+        write_audio(not_a_dir / "out.wav", torch.zeros(10), 24000)
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(InputError, match="not writable"):
+            check_output_path(ro / "out.wav")
+        with pytest.raises(InputError, match="cannot write"):
+            write_audio(ro / "out.wav", torch.zeros(10), 24000)
+        assert os.listdir(ro) == []
+    finally:
+        ro.chmod(0o700)
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
+    # A failure after the temp file exists (libsndfile rejects the rate): the temp file is removed and an
+    # existing output is untouched. This runs as root too, unlike the permission test above.
+    path = tmp_path / "out.wav"
+    write_audio(path, torch.zeros(2400), 24000)
+    before = path.read_bytes()
+    with pytest.raises(InputError, match=f"cannot write {path}"):
+        write_audio(path, torch.ones(2400) * 0.5, 0)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["out.wav"]
+
+
+def test_check_output_path_ok(tmp_path):
+    check_output_path(tmp_path / "fine.ogg")
+    taken = tmp_path / "d.wav"
+    taken.mkdir()
+    with pytest.raises(InputError, match="is a directory"):
+        check_output_path(taken)
