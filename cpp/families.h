@@ -1,0 +1,7 @@
+// Each kernel family's binding lives in cpp/bind_<family>.cpp and is called from PYBIND11_MODULE in
+// bindings.cpp. Those files share the argument checks in check.h.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+// families: declarations
