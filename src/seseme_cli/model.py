@@ -68,8 +68,9 @@ class Attention(nn.Module):
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
 
-    def forward(self, x, cos, sin, positions, mask):
-        """x (B, T, dim); cos/sin (B, T, head_dim); positions (B, T); mask (B, 1, T, max_seq_len) bool."""
+    def forward(self, x, cos, sin, positions, mask, cache_rows):
+        """x (B, T, dim); cos/sin (B, T, head_dim); positions (B, T); mask (B, 1, T, max_seq_len) bool;
+        cache_rows (B,): the cache row each batch row reads and writes."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, self.cfg.num_heads, hd)
@@ -79,13 +80,13 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
 
-        rows = torch.arange(B, device=x.device).unsqueeze(1)
+        rows = cache_rows.unsqueeze(1)
         self.k_cache[rows, positions] = k
         self.v_cache[rows, positions] = v
         # (B, heads, S, hd); KV head h serves query heads h*rep .. h*rep+rep-1, as in transformers' repeat_kv.
         rep = self.cfg.num_heads // self.cfg.num_kv_heads
-        keys = self.k_cache[:B].transpose(1, 2).repeat_interleave(rep, dim=1)
-        values = self.v_cache[:B].transpose(1, 2).repeat_interleave(rep, dim=1)
+        keys = self.k_cache[cache_rows].transpose(1, 2).repeat_interleave(rep, dim=1)
+        values = self.v_cache[cache_rows].transpose(1, 2).repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -109,8 +110,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, positions, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, positions, mask)
+    def forward(self, x, cos, sin, positions, mask, cache_rows):
+        x = x + self.attn(self.attn_norm(x), cos, sin, positions, mask, cache_rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -133,15 +134,18 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.setup_cache(batch_size, device, dtype)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (B, T, dim), positions (B, T) int64 -> (B, T, dim)."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim), positions (B, T) int64 -> (B, T, dim). Batch row b uses cache row cache_rows[b]
+        (default b)."""
+        if cache_rows is None:
+            cache_rows = torch.arange(x.shape[0], device=x.device)
         angles = positions.unsqueeze(-1).float() * self.inv_freq.float()  # fp32, like transformers
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         slots = torch.arange(self.cfg.max_seq_len, device=x.device)
         mask = (slots <= positions.unsqueeze(-1)).unsqueeze(1)
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, mask)
+            x = layer(x, cos, sin, positions, mask, cache_rows)
         return self.norm(x)
 
 

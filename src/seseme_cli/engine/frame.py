@@ -1,0 +1,131 @@
+"""One whole audio frame as a fixed sequence of kernel calls on static buffers: capturable in a CUDA graph.
+
+A frame, for every active row: the backbone consumes the embedding of the row's previous frame (or of its
+last prompt frame) at the row's position, codebook 0 is sampled from its head, the depth decoder runs 31
+steps (step 0 holds two tokens per row: the backbone state and codebook 0's embedding), and the sampled frame
+is embedded for the next backbone step. All memory is allocated in `FrameBuffers` once; nothing here
+allocates or syncs the host, so `run` can be captured once per batch bucket and replayed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import CsmConfig, TransformerConfig
+from ..ops.attention import attention_workspace, decode_attention, rope_append
+from ..ops.embedding import embed_codes
+from ..ops.linear import linear, swiglu_linear
+from ..ops.rmsnorm import rms_norm
+from ..ops.sampling import sample_topk_philox
+from .pack import EngineWeights, StackWeights
+
+
+class StackBuffers:
+    """Activations of one transformer stack for up to `rows` query rows."""
+
+    def __init__(self, cfg: TransformerConfig, rows: int, device, dtype):
+        def new(*shape):
+            return torch.empty(shape, device=device, dtype=dtype)
+
+        self.h = new(rows, cfg.dim)  # residual stream
+        self.xn = new(rows, cfg.dim)  # normed input of the next projection
+        self.qkv = new(rows, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
+        self.q = new(rows, cfg.num_heads, cfg.head_dim)
+        self.attn = new(rows, cfg.num_heads, cfg.head_dim)
+        self.act = new(rows, cfg.ffn_dim)
+        self.workspace = attention_workspace(rows, cfg.num_heads, cfg.head_dim, cfg.max_seq_len, device)
+
+
+class FrameBuffers:
+    """Every tensor a frame touches, for up to `max_batch` rows; buckets use the leading rows."""
+
+    def __init__(self, cfg: CsmConfig, max_batch: int, device, dtype):
+        B, K, V = max_batch, cfg.num_codebooks, cfg.audio_vocab_size
+
+        def new(*shape, dt=dtype):
+            return torch.empty(shape, device=device, dtype=dt)
+
+        # Per-row request state, written by the runner between frames.
+        self.positions = torch.zeros(B, device=device, dtype=torch.long)  # backbone position of `emb`
+        self.lengths = torch.ones(B, device=device, dtype=torch.int32)  # = positions + 1
+        self.rows = torch.arange(B, device=device, dtype=torch.int32)
+        self.temperature = torch.ones(B, device=device, dtype=torch.float32)
+        self.topk = torch.ones(B, device=device, dtype=torch.int32)
+        self.seeds = torch.zeros(B, device=device, dtype=torch.long)
+        self.counters = torch.zeros(B, device=device, dtype=torch.long)  # frames sampled so far, per row
+        self.emb = new(B, cfg.backbone.dim)  # input of the next backbone step
+
+        self.backbone = StackBuffers(cfg.backbone, B, device, dtype)
+        self.depth = StackBuffers(cfg.depth, 2 * B, device, dtype)  # depth step 0 has two tokens per row
+        self.depth_in = new(2 * B, cfg.backbone.dim)
+        self.logits = new(B, V)
+        self.codes = new(K, B, dt=torch.long)  # codebook-major: each draw writes one contiguous row
+        self.gather_index = new(B, dt=torch.long)
+        self.frame_codes = new(B, K, dt=torch.long)  # the finished frame, row-major
+
+
+class DepthSchedule:
+    """Positions, lengths and cache rows of the 31 depth steps for one bucket (constants of its graph)."""
+
+    def __init__(self, b: int, num_codebooks: int, device):
+        rows = torch.arange(b, device=device, dtype=torch.int32)
+        self.first_rows = torch.cat([rows, rows])  # step 0: rows b..2b-1 hold position 1 of the same sequences
+        self.first_positions = torch.cat([torch.zeros(b), torch.ones(b)]).long().to(device)
+        self.first_lengths = (self.first_positions + 1).int()
+        self.rows = rows
+        self.positions = [torch.full((b,), i, device=device, dtype=torch.long) for i in range(num_codebooks + 1)]
+        self.lengths = [(p + 1).int() for p in self.positions]
+
+
+def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, cache_rows) -> torch.Tensor:
+    """The transformer layers over the first n rows of buf.h (in place) -> normed output in buf.xn[:n]."""
+    h, xn, qkv, q, attn, act = buf.h[:n], buf.xn[:n], buf.qkv[:n], buf.q[:n], buf.attn[:n], buf.act[:n]
+    for layer in w.layers:
+        rms_norm(h, layer.attn_norm, w.eps, out=xn)
+        linear(xn, layer.wqkv, out=qkv)
+        rope_append(qkv, positions, cache_rows, w.inv_freq, layer.k_cache, layer.v_cache, q)
+        decode_attention(q, layer.k_cache, layer.v_cache, cache_rows, lengths, attn, workspace=buf.workspace)
+        linear(attn.view(n, -1), layer.wo, out=h, residual=h)
+        rms_norm(h, layer.mlp_norm, w.eps, out=xn)
+        swiglu_linear(xn, layer.w_gate_up, out=act)
+        linear(act, layer.w_down, out=h, residual=h)
+    rms_norm(h, w.norm, w.eps, out=xn)
+    return xn
+
+
+def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int) -> None:
+    """Generate one frame for rows 0..b-1 into buf.frame_codes[:b] and advance their state by one frame."""
+    K, V = buf.codes.shape[0], buf.logits.shape[1]
+    temperature, topk, seeds, counters = buf.temperature[:b], buf.topk[:b], buf.seeds[:b], buf.counters[:b]
+    codes, logits, index = buf.codes[:, :b], buf.logits[:b], buf.gather_index[:b]
+
+    # Backbone: one position per row, then codebook 0.
+    buf.backbone.h[:b].copy_(buf.emb[:b])
+    hidden = run_stack(w.backbone, buf.backbone, b, buf.positions[:b], buf.lengths[:b], buf.rows[:b])
+    linear(hidden, w.c0_head, out=logits)
+    sample_topk_philox(logits, temperature, topk, seeds, counters, 0, codes[0])
+
+    # Depth decoder step 0: [backbone state, embedding of codebook 0] at positions 0 and 1.
+    depth_in = buf.depth_in[: 2 * b]
+    depth_in[:b].copy_(hidden)
+    torch.index_select(w.depth_audio_embed, 0, codes[0], out=depth_in[b:])
+    linear(depth_in, w.projection, out=buf.depth.h[: 2 * b])
+    out = run_stack(w.depth, buf.depth, 2 * b, sched.first_positions, sched.first_lengths, sched.first_rows)
+    linear(out[b:], w.audio_heads[0], out=logits)
+    sample_topk_philox(logits, temperature, topk, seeds, counters, 1, codes[1])
+
+    # Depth steps 2..K-1: the previous codebook's embedding at position i.
+    for i in range(2, K):
+        torch.add(codes[i - 1], (i - 1) * V, out=index)
+        torch.index_select(w.depth_audio_embed, 0, index, out=depth_in[:b])
+        linear(depth_in[:b], w.projection, out=buf.depth.h[:b])
+        out = run_stack(w.depth, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows)
+        linear(out, w.audio_heads[i - 1], out=logits)
+        sample_topk_philox(logits, temperature, topk, seeds, counters, i, codes[i])
+
+    # The finished frame: row-major copy, its embedding for the next backbone step, and the row state.
+    buf.frame_codes[:b].copy_(codes.T)
+    embed_codes(buf.frame_codes[:b], w.audio_embed, buf.emb[:b], V)
+    buf.positions[:b].add_(1)
+    buf.lengths[:b].add_(1)
+    buf.counters[:b].add_(1)
