@@ -265,7 +265,76 @@ def tune() -> None:
     _not_implemented("tune")
 
 
-@app.command(**_STUB)
-def bench() -> None:
-    """Measure generation speed (ms per frame, real-time factor, achieved memory bandwidth)."""
-    _not_implemented("bench")
+@app.command()
+def bench(
+    model: Annotated[str, typer.Option(help="Weights to time (speed does not depend on their values).")] = "random",
+    frames: Annotated[int, typer.Option(help="Frames timed per batch size, after warm-up.")] = 125,
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32,64",
+    compare_baseline: Annotated[bool, typer.Option(help="Also time transformers' generate and the eager reference.")] = False,
+    baseline_frames: Annotated[int, typer.Option(help="Frames for the (slow) baselines.")] = 20,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
+    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Plot ms/frame and real-time factor (.png).")] = None,
+) -> None:
+    """Measure generation speed: ms per frame, real-time factor, time to first frame, bandwidth, memory."""
+    with user_errors():
+        from . import bench as b
+
+        sizes = _parse_batch_sizes(batch_sizes)
+        if frames < 1 or baseline_frames < 1:
+            raise InputError("--frames and --baseline-frames must be at least 1")
+        if not torch.cuda.is_available():
+            raise InputError("seseme bench needs a CUDA GPU; none is visible")
+        for path in (json_path, plot_path):
+            if path is not None and not path.parent.is_dir():
+                raise InputError(f"cannot write {path}: {path.parent} is not a directory")
+        with err.status(f"loading {model}"):
+            tts = load_csm_1b_optimized(model, device="cuda")
+        if tts.engine is None and not tts.uses_engine:
+            err.print("warning: no CUDA kernels: timing the reference path", style="yellow", markup=False)
+        copy = b.copy_bandwidth_gb_s(tts.device)
+        results = []
+        if compare_baseline:
+            with err.status("timing transformers generate"):
+                results.append(b.bench_transformers(tts, baseline_frames))
+            with err.status("timing the eager reference"):
+                results.append(b.bench_reference(tts, baseline_frames))
+        for size in sizes:
+            with err.status(f"timing batch {size}"):
+                results.append(b.bench_engine(tts, size, frames))
+        _print_bench(results, copy, tts)
+        info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": tts.description}
+        if json_path is not None:
+            import json
+
+            json_path.write_text(json.dumps(b.results_json(results, copy, info), indent=2))
+        if plot_path is not None:
+            b.plot(results, str(plot_path))
+
+
+def _parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise InputError("--batch-sizes needs at least one size, each >= 1")
+    return sizes
+
+
+def _print_bench(results, copy_gb_s: float, tts) -> None:
+    from rich.table import Table
+
+    slowest = max(r.ms_per_frame for r in results if r.batch == 1) if any(r.batch == 1 for r in results) else None
+    table = Table(title=f"{torch.cuda.get_device_name()} | {tts.description} | copy bandwidth {copy_gb_s:.0f} GB/s")
+    for col in ("what", "batch", "ms/frame", "frames/s", "x real time", "first frame ms", "GB/s", "% copy bw", "peak GB", "speedup"):
+        table.add_column(col, justify="right" if col != "what" else "left")
+    for r in results:
+        speedup = f"{slowest / r.ms_per_frame * r.batch:.0f}x" if slowest else ""
+        table.add_row(
+            r.name, str(r.batch), f"{r.ms_per_frame:.2f}", f"{r.frames_per_s:.0f}", f"{r.real_time_factor:.1f}",
+            "" if r.ttff_ms is None else f"{r.ttff_ms:.1f}",
+            "" if r.gb_per_s is None else f"{r.gb_per_s:.0f}",
+            "" if r.gb_per_s is None else f"{100 * r.gb_per_s / copy_gb_s:.0f}%",
+            "" if r.peak_gb is None else f"{r.peak_gb:.2f}", speedup,
+        )
+    out.print(table)

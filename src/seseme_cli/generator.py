@@ -15,6 +15,7 @@ import torch
 
 from .checkpoints import DEFAULT_MODEL, Checkpoint, load_checkpoint
 from .errors import InputError
+from .kernels import has_cuda_kernels
 from .model import CsmModel
 from .tokenizer import segment_tokens
 
@@ -62,30 +63,62 @@ def _random_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dty
     return model.to(dtype).eval()
 
 
-@torch.inference_mode()
-def generate_frames(model: CsmModel, tokens, mask, max_frames: int, temperature: float, topk: int, generator=None):
-    """The frame loop for one prompt: tokens/mask (T, K+1) -> codes (frames, K) on the model's device, stopping
-    before the first all-zero frame or after `max_frames`."""
+def stream_until_eos(step, max_frames: int, num_codebooks: int, device: torch.device, chunk_frames: int):
+    """Run `step()` (-> one frame's codes (K,) on `device`) up to `max_frames` times and yield the frames on the
+    CPU in chunks of `chunk_frames`, stopping before the first all-zero frame (the original's EOS, dropped).
+
+    Codes are copied to pinned host memory without waiting; the host syncs only once per chunk, so with
+    chunks of several frames the GPU runs ahead of the EOS test."""
+    pinned = device.type == "cuda"
+    host = torch.empty(max_frames, num_codebooks, dtype=torch.long, pin_memory=pinned)
+    done = torch.cuda.Event() if pinned else None
+    start = 0
+    for i in range(max_frames):
+        host[i].copy_(step(), non_blocking=pinned)
+        if i + 1 - start < chunk_frames and i + 1 < max_frames:
+            continue
+        if done is not None:
+            done.record()
+            done.synchronize()
+        new = host[start : i + 1]
+        eos = (new == 0).all(dim=1).nonzero()
+        if len(eos):
+            if int(eos[0]) > 0:
+                yield new[: int(eos[0])].clone()
+            return
+        yield new.clone()
+        start = i + 1
+
+
+def reference_steps(model: CsmModel, tokens, mask, temperature: float, topk: int, generator=None):
+    """A `step` callable for `stream_until_eos` that runs the reference model (eager PyTorch)."""
     device = model.c0_head.weight.device
     K = model.cfg.num_codebooks
-    tokens, mask = tokens.unsqueeze(0).to(device), mask.unsqueeze(0).to(device)
-    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0)
+    state = {
+        "tokens": tokens.unsqueeze(0).to(device),
+        "mask": mask.unsqueeze(0).to(device),
+        "positions": torch.arange(tokens.shape[0], device=device).unsqueeze(0),
+    }
     frame_mask = torch.zeros(1, 1, K + 1, dtype=torch.bool, device=device)
     frame_mask[..., :K] = True
     text_column = torch.zeros(1, 1, dtype=torch.long, device=device)
-    frames = torch.zeros(max_frames, K, dtype=torch.long, device=device)
-    checked = 0
-    for i in range(max_frames):
-        codes = model.generate_frame(tokens, mask, positions, temperature, topk, generator)
-        frames[i] = codes[0]
-        tokens, mask = torch.cat([codes, text_column], dim=1).unsqueeze(1), frame_mask
-        positions = positions[:, -1:] + 1
-        if (i + 1) % EOS_CHECK_EVERY == 0 or i + 1 == max_frames:
-            eos = (frames[checked : i + 1] == 0).all(dim=1).nonzero()
-            if len(eos):
-                return frames[: checked + int(eos[0])]
-            checked = i + 1
-    return frames
+
+    def step() -> torch.Tensor:
+        codes = model.generate_frame(state["tokens"], state["mask"], state["positions"], temperature, topk, generator)
+        state["tokens"] = torch.cat([codes, text_column], dim=1).unsqueeze(1)
+        state["mask"] = frame_mask
+        state["positions"] = state["positions"][:, -1:] + 1
+        return codes[0]
+
+    return step
+
+
+def generate_frames(model: CsmModel, tokens, mask, max_frames: int, temperature: float, topk: int, generator=None):
+    """The reference frame loop for one prompt: codes (frames, K) on the CPU, without the EOS frame."""
+    step = reference_steps(model, tokens, mask, temperature, topk, generator)
+    device = model.c0_head.weight.device
+    chunks = list(stream_until_eos(step, max_frames, model.cfg.num_codebooks, device, EOS_CHECK_EVERY))
+    return torch.cat(chunks) if chunks else torch.zeros(0, model.cfg.num_codebooks, dtype=torch.long)
 
 
 class CSM:
@@ -103,6 +136,11 @@ class CSM:
         self.codec = checkpoint.make_codec(self.device)
         self.sample_rate = self.codec.sample_rate
         self.last_codes: torch.Tensor | None = None
+        self.engine = None  # built by setup_caches when the CUDA kernels can run here
+        self.uses_engine = self.device.type == "cuda" and has_cuda_kernels()
+        if self.device.type == "cuda" and not self.uses_engine:
+            log.warning("seseme's CUDA kernels are not available (module built without CUDA?): "
+                        "running the plain PyTorch reference path, which is much slower")
 
     # --- prompt ------------------------------------------------------------------------------------------
 
@@ -138,8 +176,20 @@ class CSM:
     # --- generation --------------------------------------------------------------------------------------
 
     def setup_caches(self, batch_size: int = 1) -> None:
-        """Allocate the static KV caches for up to `batch_size` rows (once; generation reuses them)."""
-        self.model.setup_caches(batch_size)
+        """Allocate the static KV caches (and on a GPU all engine memory and CUDA graphs) for up to
+        `batch_size` rows, once; generation reuses them."""
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        if self.uses_engine:
+            from .engine import Engine
+
+            # Free the old engine's memory (caches, graphs) before sizing and allocating the new one.
+            self.engine = None
+            self.model.setup_caches(0)
+            torch.cuda.empty_cache()
+            self.engine = Engine(self.model, batch_size)
+        else:
+            self.model.setup_caches(batch_size)
 
     def _frame_budget(self, prompt_len: int, max_audio_length_ms: float) -> int:
         window = self.config.max_seq_len
@@ -152,8 +202,7 @@ class CSM:
             log.warning("the prompt leaves room for %d frames (%d ms) of audio; generating at most that", window - prompt_len, (window - prompt_len) * FRAME_MS)
         return min(wanted, window - prompt_len)
 
-    @torch.inference_mode()
-    def generate_codes(
+    def stream_codes(
         self,
         text: str,
         speaker: int = 0,
@@ -162,20 +211,33 @@ class CSM:
         temperature: float = 0.9,
         topk: int = 50,
         seed: int | None = None,
-    ) -> torch.Tensor:
-        """Generate and return the codes (frames, 32) int64 on the CPU, without the final EOS frame."""
+        chunk_frames: int = EOS_CHECK_EVERY,
+    ):
+        """Yield the generated codes as they come, in CPU chunks of `chunk_frames` frames (n, 32) int64,
+        stopping before the EOS frame. Runs on the GPU engine when it is available, else on the reference."""
         if topk < 1:
             raise InputError("topk must be at least 1")
         if temperature < 0:
             raise InputError("temperature must be >= 0")
         tokens, mask = self.build_prompt(text, speaker, context)
         max_frames = self._frame_budget(tokens.shape[0], max_audio_length_ms)
-        if self.model.cache_batch_size < 1:
+        if self.model.cache_batch_size < 1 or (self.uses_engine and self.engine is None):
             self.setup_caches(1)
-        generator = torch.Generator(self.device).manual_seed(secrets.randbits(63) if seed is None else seed)
+        seed = secrets.randbits(63) if seed is None else seed
+        with torch.inference_mode():
+            if self.engine is not None:
+                self.engine.set_row(0, tokens, mask, temperature, topk, seed)
+                step = lambda: self.engine.step(1)[0]  # noqa: E731
+            else:
+                generator = torch.Generator(self.device).manual_seed(seed)
+                step = reference_steps(self.model, tokens, mask, temperature, topk, generator)
+            yield from stream_until_eos(step, max_frames, self.config.num_codebooks, self.device, chunk_frames)
 
-        frames = generate_frames(self.model, tokens, mask, max_frames, temperature, topk, generator)
-        self.last_codes = frames.cpu()
+    def generate_codes(self, text: str, speaker: int = 0, context=(), max_audio_length_ms: float = 90_000,
+                       temperature: float = 0.9, topk: int = 50, seed: int | None = None) -> torch.Tensor:
+        """Generate and return the codes (frames, 32) int64 on the CPU, without the final EOS frame."""
+        chunks = list(self.stream_codes(text, speaker, context, max_audio_length_ms, temperature, topk, seed))
+        self.last_codes = torch.cat(chunks) if chunks else torch.zeros(0, self.config.num_codebooks, dtype=torch.long)
         return self.last_codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,20 @@ def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, ca
     return xn
 
 
-def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int) -> None:
+class TeacherForcing:
+    """Test hook (eager only): replace each sampled codebook by `codes` (K, b) and keep a copy of every
+    codebook's logits in `logits` (K tensors of (b, vocab))."""
+
+    def __init__(self, codes: torch.Tensor):
+        self.codes = codes
+        self.logits: list[torch.Tensor] = []
+
+    def __call__(self, i: int, logits: torch.Tensor, sampled: torch.Tensor) -> None:
+        self.logits.append(logits.float().clone())
+        sampled.copy_(self.codes[i])
+
+
+def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int, teacher: TeacherForcing | None = None) -> None:
     """Generate one frame for rows 0..b-1 into buf.frame_codes[:b] and advance their state by one frame."""
     K, V = buf.codes.shape[0], buf.logits.shape[1]
     temperature, topk, seeds, counters = buf.temperature[:b], buf.topk[:b], buf.seeds[:b], buf.counters[:b]
@@ -104,6 +117,8 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int)
     hidden = run_stack(w.backbone, buf.backbone, b, buf.positions[:b], buf.lengths[:b], buf.rows[:b])
     linear(hidden, w.c0_head, out=logits)
     sample_topk_philox(logits, temperature, topk, seeds, counters, 0, codes[0])
+    if teacher:
+        teacher(0, logits, codes[0])
 
     # Depth decoder step 0: [backbone state, embedding of codebook 0] at positions 0 and 1.
     depth_in = buf.depth_in[: 2 * b]
@@ -113,6 +128,8 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int)
     out = run_stack(w.depth, buf.depth, 2 * b, sched.first_positions, sched.first_lengths, sched.first_rows)
     linear(out[b:], w.audio_heads[0], out=logits)
     sample_topk_philox(logits, temperature, topk, seeds, counters, 1, codes[1])
+    if teacher:
+        teacher(1, logits, codes[1])
 
     # Depth steps 2..K-1: the previous codebook's embedding at position i.
     for i in range(2, K):
@@ -122,6 +139,8 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int)
         out = run_stack(w.depth, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows)
         linear(out, w.audio_heads[i - 1], out=logits)
         sample_topk_philox(logits, temperature, topk, seeds, counters, i, codes[i])
+        if teacher:
+            teacher(i, logits, codes[i])
 
     # The finished frame: row-major copy, its embedding for the next backbone step, and the row state.
     buf.frame_codes[:b].copy_(codes.T)

@@ -3,8 +3,7 @@
 `Engine(model, max_batch)` allocates everything once (KV caches, activations, workspaces), packs the weights
 and captures `run_frame` for each bucket (1, 2, 4, ... max_batch). A request's prompt is prefilled eagerly
 into its cache row by the reference model (same weights, same caches); from then on every frame is one graph
-replay. Finished frames are copied to pinned host memory without waiting; the host looks at them (EOS) only
-every few frames, so the GPU never idles on the CPU.
+replay. The caller copies finished frames to the host without waiting (generator.stream_until_eos).
 """
 
 from __future__ import annotations
@@ -19,7 +18,30 @@ from .pack import pack
 
 log = logging.getLogger("seseme")
 
-EOS_CHECK_EVERY = 8
+
+def bytes_per_row(cfg, dtype: torch.dtype) -> int:
+    """GPU memory one batch row costs: its KV caches plus its activations (a generous estimate)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    total = 0
+    for t in (cfg.backbone, cfg.depth):
+        total += 2 * t.num_layers * t.max_seq_len * t.num_kv_heads * t.head_dim * size  # K and V caches
+        total += 2 * (6 * t.dim + 3 * t.num_heads * t.head_dim + t.ffn_dim) * size  # activations (x2: depth step 0)
+        total += 2 * t.num_heads * t.head_dim * 4 * 64  # split-KV workspace, fp32
+    return total + 2 * cfg.audio_vocab_size * size
+
+
+def check_batch_fits(cfg, dtype: torch.dtype, device, batch_size: int, reserve_bytes: int = 1 << 30) -> None:
+    """Raise InputError naming the largest batch that fits when `batch_size` does not."""
+    from ..errors import InputError
+
+    free, _ = torch.cuda.mem_get_info(device)
+    per_row = bytes_per_row(cfg, dtype)
+    largest = max(0, int((free - reserve_bytes) // per_row))
+    if batch_size > largest:
+        raise InputError(
+            f"batch size {batch_size} does not fit in GPU memory ({free / 1e9:.1f} GB free, about "
+            f"{per_row / 1e6:.0f} MB per row): the largest that fits is {largest}"
+        )
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -33,6 +55,8 @@ class Engine:
         self.cfg = model.cfg
         self.device = model.c0_head.weight.device
         self.max_batch = max_batch
+        if self.device.type == "cuda":
+            check_batch_fits(self.cfg, model.c0_head.weight.dtype, self.device, max_batch)
         model.setup_caches(max_batch)
         self.weights = pack(model)
         self.buf = FrameBuffers(self.cfg, max_batch, self.device, model.c0_head.weight.dtype)
@@ -90,6 +114,13 @@ class Engine:
         buf.counters[row] = 0
 
     @torch.inference_mode()
+    def step_teacher_forced(self, n: int, teacher) -> torch.Tensor:
+        """An eager frame whose codes are forced (tests compare its logits with the reference model's)."""
+        b = self.bucket_for(n)
+        run_frame(self.weights, self.buf, self.schedules[b], b, teacher)
+        return self.buf.frame_codes[:b]
+
+    @torch.inference_mode()
     def step(self, n: int) -> torch.Tensor:
         """One frame for rows 0..n-1 (rows up to the bucket size run too and are ignored).
         Returns a view of the frame's codes (bucket, K) on the GPU, valid until the next step."""
@@ -99,41 +130,3 @@ class Engine:
         else:
             run_frame(self.weights, self.buf, self.schedules[b], b)
         return self.buf.frame_codes[:b]
-
-
-class FrameCollector:
-    """Copies each step's codes to pinned host memory without blocking; `frames()` syncs on demand."""
-
-    def __init__(self, engine: Engine, max_frames: int, rows: int):
-        self.engine = engine
-        self.rows = rows
-        K = engine.cfg.num_codebooks
-        self.host = torch.empty(max_frames, rows, K, dtype=torch.long, pin_memory=True)
-        self.done = torch.cuda.Event()
-        self.count = 0
-
-    def add(self, codes: torch.Tensor) -> None:
-        self.host[self.count].copy_(codes[: self.rows], non_blocking=True)
-        self.count += 1
-        self.done.record()
-
-    def frames(self) -> torch.Tensor:
-        self.done.synchronize()
-        return self.host[: self.count]
-
-
-@torch.inference_mode()
-def engine_generate(engine: Engine, tokens, mask, max_frames: int, temperature: float, topk: int, seed: int) -> torch.Tensor:
-    """One request on row 0: codes (frames, K) on the CPU, stopping before the first all-zero frame."""
-    engine.set_row(0, tokens, mask, temperature, topk, seed)
-    collector = FrameCollector(engine, max_frames, rows=1)
-    checked = 0
-    for i in range(max_frames):
-        collector.add(engine.step(1))
-        if (i + 1) % EOS_CHECK_EVERY == 0 or i + 1 == max_frames:
-            frames = collector.frames()[:, 0]
-            eos = (frames[checked:] == 0).all(dim=1).nonzero()
-            if len(eos):
-                return frames[: checked + int(eos[0])].clone()
-            checked = i + 1
-    return collector.frames()[:, 0].clone()

@@ -1,0 +1,207 @@
+"""`seseme bench`: speed of the engine (and, with --compare-baseline, of transformers and the eager reference)
+on the same weights and prompt. Timing: CUDA events after warm-up, medians; bandwidth is compared with a
+device-to-device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .checkpoints import _HF_LAYER, _HF_TOP
+from .generator import CSM, FRAME_MS, generate_frames
+
+PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet forest."
+
+
+@dataclass
+class Result:
+    name: str
+    batch: int
+    frames: int
+    ms_per_frame: float  # median time of one frame step (all rows)
+    ttff_ms: float | None = None  # prefill + first frame, wall clock, batch 1
+    gb_per_s: float | None = None
+    peak_gb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.batch * 1000.0 / self.ms_per_frame
+
+    @property
+    def real_time_factor(self) -> float:
+        return self.batch * FRAME_MS / self.ms_per_frame
+
+
+def copy_bandwidth_gb_s(device, size_mb: int = 1024, repeats: int = 20) -> float:
+    """A large device-to-device copy, counting bytes read plus written (the ceiling for reading weights)."""
+    src = torch.randn(size_mb * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return 2 * src.numel() * 4 / (statistics.median(times) * 1e-3) / 1e9
+
+
+def bytes_per_frame(engine, batch: int, position: int) -> int:
+    """Bytes one frame must read: every backbone weight once, every depth weight once per depth step, the
+    heads used, and the KV caches up to the current positions."""
+    w, cfg = engine.weights, engine.cfg
+    K = cfg.num_codebooks
+
+    def stack_bytes(stack):
+        return sum(t.numel() * t.element_size() for l in stack.layers for t in (l.wqkv, l.wo, l.w_gate_up, l.w_down))
+
+    head = w.audio_heads[0].numel() * w.audio_heads.element_size()
+    weights = stack_bytes(w.backbone) + w.c0_head.numel() * w.c0_head.element_size()
+    weights += (K - 1) * (stack_bytes(w.depth) + w.projection.numel() * w.projection.element_size() + head)
+    bb = cfg.backbone
+    kv = 2 * bb.num_layers * batch * position * bb.num_kv_heads * bb.head_dim * w.c0_head.element_size()
+    return weights + kv
+
+
+def _event_times(step, frames: int) -> list[float]:
+    times = []
+    for _ in range(frames):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        times.append((start, end))
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in times]
+
+
+@torch.inference_mode()
+def bench_engine(tts: CSM, batch: int, frames: int, warmup: int = 10, seed: int = 0) -> Result:
+    tts.setup_caches(batch)
+    engine = tts.engine
+    tokens, mask = tts.build_prompt(PROMPT, 0)
+    torch.cuda.reset_peak_memory_stats()
+
+    # Time to first frame: prefill of one row + its first frame, host clock around synchronized work.
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.set_row(0, tokens, mask, 0.9, 50, seed)
+    engine.step(1).cpu()
+    ttff = (time.perf_counter() - start) * 1e3
+
+    for row in range(batch):
+        engine.set_row(row, tokens, mask, 0.9, 50, seed + row)
+    for _ in range(warmup):
+        engine.step(batch)
+    times = _event_times(lambda: engine.step(batch), frames)
+    ms = statistics.median(times)
+    position = tokens.shape[0] + warmup + frames // 2
+    return Result(
+        name="seseme engine" if engine.graphs else "seseme engine (eager, graph capture failed)",
+        batch=batch, frames=frames, ms_per_frame=ms, ttff_ms=ttff if batch == 1 else None,
+        gb_per_s=bytes_per_frame(engine, batch, position) / (ms * 1e-3) / 1e9,
+        peak_gb=torch.cuda.max_memory_allocated() / 1e9,
+        extra={"prompt_frames": tokens.shape[0], "graphs": bool(engine.graphs)},
+    )
+
+
+@torch.inference_mode()
+def bench_reference(tts: CSM, frames: int, seed: int = 0) -> Result:
+    """The in-tree eager reference (plain PyTorch, what runs without the kernels), batch 1."""
+    tokens, mask = tts.build_prompt(PROMPT, 0)
+    g = torch.Generator(tts.device).manual_seed(seed)
+    generate_frames(tts.model, tokens, mask, 2, 0.9, 50, g)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = generate_frames(tts.model, tokens, mask, frames, 0.9, 50, g)
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) * 1e3
+    return Result("in-tree eager reference", 1, len(out), elapsed / max(1, len(out)))
+
+
+def to_transformers_state(model) -> dict[str, torch.Tensor]:
+    """seseme weights under transformers' CsmForConditionalGeneration names (the inverse of the loader)."""
+    top = {v: k for k, v in _HF_TOP.items()}
+    layer = {v: k for k, v in _HF_LAYER.items()}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name in top:
+            state[top[name]] = tensor
+            continue
+        part, _, i, *rest = name.split(".")
+        sub = ".".join(rest).removesuffix(".weight")
+        prefix = "backbone_model" if part == "backbone" else "depth_decoder.model"
+        state[f"{prefix}.layers.{i}.{layer[sub]}.weight"] = tensor
+    return state
+
+
+def transformers_config(cfg):
+    from transformers import CsmConfig
+
+    def stack(t):
+        s = t.rope_scaling
+        return dict(hidden_size=t.dim, intermediate_size=t.ffn_dim, num_hidden_layers=t.num_layers,
+                    num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
+                    max_position_embeddings=t.max_seq_len, rms_norm_eps=t.norm_eps, rope_theta=t.rope_theta,
+                    rope_scaling={"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                                  "high_freq_factor": s.high_freq_factor,
+                                  "original_max_position_embeddings": s.original_max_position_embeddings})
+
+    depth = dict(stack(cfg.depth), num_codebooks=cfg.num_codebooks, backbone_hidden_size=cfg.backbone.dim,
+                 vocab_size=cfg.audio_vocab_size)
+    return CsmConfig(num_codebooks=cfg.num_codebooks, vocab_size=cfg.audio_vocab_size, text_vocab_size=cfg.text_vocab_size,
+                     depth_decoder_config=depth, tie_codebooks_embeddings=False, **stack(cfg.backbone))
+
+
+@torch.inference_mode()
+def bench_transformers(tts: CSM, frames: int) -> Result:
+    """transformers' CsmForConditionalGeneration.generate on the same weights and prompt, batch 1, bf16."""
+    from transformers import CsmForConditionalGeneration
+
+    with torch.device(tts.device):
+        hf = CsmForConditionalGeneration(transformers_config(tts.config)).to(tts.dtype).eval()
+    missing, unexpected = hf.load_state_dict(to_transformers_state(tts.model), strict=False)
+    assert not unexpected and all(m.startswith("codec_model.") for m in missing), (missing[:3], unexpected[:3])
+    tokens, mask = tts.build_prompt(PROMPT, 0)
+    embeds = tts.model.embed_frames(tokens[None].to(tts.device), mask[None].to(tts.device)).to(tts.dtype)
+    kwargs = dict(inputs_embeds=embeds, do_sample=True, temperature=0.9, top_k=50, depth_decoder_do_sample=True,
+                  depth_decoder_temperature=0.9, depth_decoder_top_k=50)
+    hf.generate(max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = hf.generate(max_new_tokens=frames, min_new_tokens=frames, **kwargs)
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) * 1e3
+    n = out.shape[1] if out.dim() == 3 else out.shape[0]
+    del hf
+    torch.cuda.empty_cache()
+    return Result("transformers generate", 1, n, elapsed / n)
+
+
+def results_json(results: list[Result], copy_gb_s: float, info: dict) -> dict:
+    rows = [dict(asdict(r), frames_per_s=r.frames_per_s, real_time_factor=r.real_time_factor) for r in results]
+    return {"copy_bandwidth_gb_s": copy_gb_s, **info, "results": rows}
+
+
+def plot(results: list[Result], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engine = [r for r in results if r.name.startswith("seseme engine")]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot([r.batch for r in engine], [r.ms_per_frame for r in engine], "o-")
+    a.set(xlabel="batch size", ylabel="ms per frame step", xscale="log", title="frame time")
+    b.plot([r.batch for r in engine], [r.real_time_factor for r in engine], "o-")
+    b.set(xlabel="batch size", ylabel="x real time (aggregate)", xscale="log", yscale="log", title="real-time factor")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
