@@ -92,4 +92,7 @@ PYBIND11_MODULE(_kernels, m) {
 
     // Each kernel family binds its own functions (cpp/bind_<family>.cpp); one line each.
     // families: calls
+    bind_attention(m);
+    bind_linear(m);
+    bind_sampling(m);
 }

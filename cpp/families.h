@@ -5,3 +5,6 @@
 #include <pybind11/pybind11.h>
 
 // families: declarations
+void bind_attention(pybind11::module_& m);
+void bind_linear(pybind11::module_& m);
+void bind_sampling(pybind11::module_& m);

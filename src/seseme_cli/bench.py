@@ -14,7 +14,9 @@ import torch
 from .checkpoints import _HF_LAYER, _HF_TOP
 from .generator import CSM, FRAME_MS, generate_frames
 
-PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet forest."
+PROMPT = ("The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet forest "
+          "where nobody can find it until the morning comes and the birds start singing again.")
+PROMPT_TOKENS = 40  # the prompt length the speed targets are stated for
 
 
 @dataclass
@@ -35,6 +37,15 @@ class Result:
     @property
     def real_time_factor(self) -> float:
         return self.batch * FRAME_MS / self.ms_per_frame
+
+
+def bench_prompt(tts: CSM, n_tokens: int = PROMPT_TOKENS):
+    """Prompt frames of exactly `n_tokens` text tokens (<bos> ... <eos> included), whatever the tokenizer."""
+    tokens, mask = tts.build_prompt(PROMPT, 0)
+    if tokens.shape[0] < n_tokens:
+        raise ValueError(f"the bench text is only {tokens.shape[0]} tokens long")
+    keep = torch.cat([tokens[: n_tokens - 1], tokens[-1:]])  # cut the middle, keep <eos>
+    return keep, mask[:n_tokens]
 
 
 def copy_bandwidth_gb_s(device, size_mb: int = 1024, repeats: int = 20) -> float:
@@ -87,7 +98,7 @@ def _event_times(step, frames: int) -> list[float]:
 def bench_engine(tts: CSM, batch: int, frames: int, warmup: int = 10, seed: int = 0) -> Result:
     tts.setup_caches(batch)
     engine = tts.engine
-    tokens, mask = tts.build_prompt(PROMPT, 0)
+    tokens, mask = bench_prompt(tts)
     torch.cuda.reset_peak_memory_stats()
 
     # Time to first frame: prefill of one row + its first frame, host clock around synchronized work.
@@ -116,7 +127,7 @@ def bench_engine(tts: CSM, batch: int, frames: int, warmup: int = 10, seed: int 
 @torch.inference_mode()
 def bench_reference(tts: CSM, frames: int, seed: int = 0) -> Result:
     """The in-tree eager reference (plain PyTorch, what runs without the kernels), batch 1."""
-    tokens, mask = tts.build_prompt(PROMPT, 0)
+    tokens, mask = bench_prompt(tts)
     g = torch.Generator(tts.device).manual_seed(seed)
     generate_frames(tts.model, tokens, mask, 2, 0.9, 50, g)  # warm-up
     torch.cuda.synchronize()
@@ -170,7 +181,7 @@ def bench_transformers(tts: CSM, frames: int) -> Result:
         hf = CsmForConditionalGeneration(transformers_config(tts.config)).to(tts.dtype).eval()
     missing, unexpected = hf.load_state_dict(to_transformers_state(tts.model), strict=False)
     assert not unexpected and all(m.startswith("codec_model.") for m in missing), (missing[:3], unexpected[:3])
-    tokens, mask = tts.build_prompt(PROMPT, 0)
+    tokens, mask = bench_prompt(tts)
     embeds = tts.model.embed_frames(tokens[None].to(tts.device), mask[None].to(tts.device)).to(tts.dtype)
     kwargs = dict(inputs_embeds=embeds, do_sample=True, temperature=0.9, top_k=50, depth_decoder_do_sample=True,
                   depth_decoder_temperature=0.9, depth_decoder_top_k=50)

@@ -14,7 +14,7 @@ import torch
 from ..config import CsmConfig, TransformerConfig
 from ..ops.attention import attention_workspace, decode_attention, rope_append
 from ..ops.embedding import embed_codes
-from ..ops.linear import linear, swiglu_linear
+from ..ops.linear import linear, linear_workspace_bytes, swiglu_linear
 from ..ops.rmsnorm import rms_norm
 from ..ops.sampling import sample_topk_philox
 from .pack import EngineWeights, StackWeights
@@ -62,6 +62,24 @@ class FrameBuffers:
         self.codes = new(K, B, dt=torch.long)  # codebook-major: each draw writes one contiguous row
         self.gather_index = new(B, dt=torch.long)
         self.frame_codes = new(B, K, dt=torch.long)  # the finished frame, row-major
+        # One zeroed split-K workspace serves every linear call (each call leaves it zeroed again).
+        need = max(linear_workspace_bytes(n, m, k, swiglu, device=device) for n, m, k, swiglu in linear_shapes(cfg, B))
+        self.linear_workspace = torch.zeros(max(need, 16), device=device, dtype=torch.uint8)
+
+
+def linear_shapes(cfg: CsmConfig, max_batch: int):
+    """(rows, out features, in features, swiglu) of every linear call a frame makes, for every bucket size."""
+    bb, dd, V = cfg.backbone, cfg.depth, cfg.audio_vocab_size
+    for b in range(1, max_batch + 1):
+        for n, t in ((b, bb), (b, dd), (2 * b, dd)):
+            yield n, (t.num_heads + 2 * t.num_kv_heads) * t.head_dim, t.dim, False
+            yield n, t.dim, t.num_heads * t.head_dim, False
+            yield n, t.ffn_dim, t.dim, True
+            yield n, t.dim, t.ffn_dim, False
+        yield b, V, bb.dim, False
+        yield b, V, dd.dim, False
+        yield 2 * b, dd.dim, bb.dim, False
+        yield b, dd.dim, bb.dim, False
 
 
 class DepthSchedule:
@@ -77,18 +95,18 @@ class DepthSchedule:
         self.lengths = [(p + 1).int() for p in self.positions]
 
 
-def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, cache_rows) -> torch.Tensor:
+def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, cache_rows, ws) -> torch.Tensor:
     """The transformer layers over the first n rows of buf.h (in place) -> normed output in buf.xn[:n]."""
     h, xn, qkv, q, attn, act = buf.h[:n], buf.xn[:n], buf.qkv[:n], buf.q[:n], buf.attn[:n], buf.act[:n]
     for layer in w.layers:
         rms_norm(h, layer.attn_norm, w.eps, out=xn)
-        linear(xn, layer.wqkv, out=qkv)
+        linear(xn, layer.wqkv, out=qkv, workspace=ws)
         rope_append(qkv, positions, cache_rows, w.inv_freq, layer.k_cache, layer.v_cache, q)
         decode_attention(q, layer.k_cache, layer.v_cache, cache_rows, lengths, attn, workspace=buf.workspace)
-        linear(attn.view(n, -1), layer.wo, out=h, residual=h)
+        linear(attn.view(n, -1), layer.wo, out=h, residual=h, workspace=ws)
         rms_norm(h, layer.mlp_norm, w.eps, out=xn)
-        swiglu_linear(xn, layer.w_gate_up, out=act)
-        linear(act, layer.w_down, out=h, residual=h)
+        swiglu_linear(xn, layer.w_gate_up, out=act, workspace=ws)
+        linear(act, layer.w_down, out=h, residual=h, workspace=ws)
     rms_norm(h, w.norm, w.eps, out=xn)
     return xn
 
@@ -111,11 +129,12 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     K, V = buf.codes.shape[0], buf.logits.shape[1]
     temperature, topk, seeds, counters = buf.temperature[:b], buf.topk[:b], buf.seeds[:b], buf.counters[:b]
     codes, logits, index = buf.codes[:, :b], buf.logits[:b], buf.gather_index[:b]
+    ws = buf.linear_workspace
 
     # Backbone: one position per row, then codebook 0.
     buf.backbone.h[:b].copy_(buf.emb[:b])
-    hidden = run_stack(w.backbone, buf.backbone, b, buf.positions[:b], buf.lengths[:b], buf.rows[:b])
-    linear(hidden, w.c0_head, out=logits)
+    hidden = run_stack(w.backbone, buf.backbone, b, buf.positions[:b], buf.lengths[:b], buf.rows[:b], ws)
+    linear(hidden, w.c0_head, out=logits, workspace=ws)
     sample_topk_philox(logits, temperature, topk, seeds, counters, 0, codes[0])
     if teacher:
         teacher(0, logits, codes[0])
@@ -124,9 +143,9 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     depth_in = buf.depth_in[: 2 * b]
     depth_in[:b].copy_(hidden)
     torch.index_select(w.depth_audio_embed, 0, codes[0], out=depth_in[b:])
-    linear(depth_in, w.projection, out=buf.depth.h[: 2 * b])
-    out = run_stack(w.depth, buf.depth, 2 * b, sched.first_positions, sched.first_lengths, sched.first_rows)
-    linear(out[b:], w.audio_heads[0], out=logits)
+    linear(depth_in, w.projection, out=buf.depth.h[: 2 * b], workspace=ws)
+    out = run_stack(w.depth, buf.depth, 2 * b, sched.first_positions, sched.first_lengths, sched.first_rows, ws)
+    linear(out[b:], w.audio_heads[0], out=logits, workspace=ws)
     sample_topk_philox(logits, temperature, topk, seeds, counters, 1, codes[1])
     if teacher:
         teacher(1, logits, codes[1])
@@ -135,9 +154,9 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     for i in range(2, K):
         torch.add(codes[i - 1], (i - 1) * V, out=index)
         torch.index_select(w.depth_audio_embed, 0, index, out=depth_in[:b])
-        linear(depth_in[:b], w.projection, out=buf.depth.h[:b])
-        out = run_stack(w.depth, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows)
-        linear(out, w.audio_heads[i - 1], out=logits)
+        linear(depth_in[:b], w.projection, out=buf.depth.h[:b], workspace=ws)
+        out = run_stack(w.depth, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows, ws)
+        linear(out, w.audio_heads[i - 1], out=logits, workspace=ws)
         sample_topk_philox(logits, temperature, topk, seeds, counters, i, codes[i])
         if teacher:
             teacher(i, logits, codes[i])

@@ -1,0 +1,75 @@
+// Binding of the decode linear layer (cuda/linear*.cu): seseme_cli._kernels.linear and its config helpers.
+// The config checks and workspace sizes are plain C++ (cuda/linear.cuh), so they work in a CPU build too.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../cuda/linear.cuh"
+#include "check.h"
+#include "families.h"
+
+namespace {
+
+using namespace seseme;
+
+LinearConfig make_config(int kernel, int warps, int rows, int split_k, int unroll, int stages) {
+    LinearConfig c;
+    c.kernel = kernel, c.warps = warps, c.rows = rows, c.split_k = split_k, c.unroll = unroll, c.stages = stages;
+    return c;
+}
+
+void linear(uintptr_t out, uintptr_t x, uintptr_t weight, uintptr_t residual, uintptr_t workspace,
+            int64_t workspace_bytes, int64_t n, int64_t m, int64_t k, bool swiglu, int dtype, int kernel, int warps,
+            int rows, int split_k, int unroll, int stages, uintptr_t stream) {
+#if !SESEME_WITH_CUDA
+    no_cuda();
+#else
+    check(dtype == SESEME_BF16 || dtype == SESEME_F16, "linear: dtype must be bfloat16 or float16");
+    const LinearConfig cfg = make_config(kernel, warps, rows, split_k, unroll, stages);
+    if (const char* err = linear_config_error(n, m, k, swiglu, cfg)) throw py::value_error(err);
+    check(out != 0 && x != 0 && weight != 0, "linear: out, x and weight must be non-null device pointers");
+    check(!(swiglu && residual != 0), "linear: swiglu takes no residual");
+    check(x % 16 == 0 && weight % 16 == 0, "linear: x and weight must be 16-byte aligned");
+    check_ptr("out", out, 2);
+    check_ptr("residual", residual, 2);
+    const int64_t need = linear_workspace_bytes(n, m, k, swiglu, cfg);
+    check(need == 0 || (workspace != 0 && workspace % 16 == 0 && workspace_bytes >= need),
+          "linear: this config splits K and needs a 16-byte aligned, zero-initialised workspace of " +
+              std::to_string(need) + " bytes, got " + std::to_string(workspace == 0 ? 0 : workspace_bytes));
+    check_launch("linear",
+                 launch_linear(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x),
+                               reinterpret_cast<const void*>(weight), reinterpret_cast<const void*>(residual),
+                               reinterpret_cast<void*>(workspace), workspace_bytes, n, m, k, swiglu, dtype, cfg,
+                               stream));
+#endif
+}
+
+py::object config_error(int64_t n, int64_t m, int64_t k, bool swiglu, int kernel, int warps, int rows, int split_k,
+                        int unroll, int stages) {
+    const char* err = linear_config_error(n, m, k, swiglu, make_config(kernel, warps, rows, split_k, unroll, stages));
+    return err == nullptr ? py::object(py::none()) : py::object(py::str(err));
+}
+
+int64_t workspace_bytes(int64_t n, int64_t m, int64_t k, bool swiglu, int kernel, int warps, int rows, int split_k,
+                        int unroll, int stages) {
+    return linear_workspace_bytes(n, m, k, swiglu, make_config(kernel, warps, rows, split_k, unroll, stages));
+}
+
+}  // namespace
+
+void bind_linear(pybind11::module_& m) {
+    namespace py = pybind11;
+    m.def("linear", &linear, py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("residual"),
+          py::arg("workspace"), py::arg("workspace_bytes"), py::arg("n"), py::arg("m"), py::arg("k"),
+          py::arg("swiglu"), py::arg("dtype"), py::arg("kernel"), py::arg("warps"), py::arg("rows"),
+          py::arg("split_k"), py::arg("unroll"), py::arg("stages"), py::arg("stream"),
+          "out (n, m) = x (n, k) @ weight (m, k)^T [+ residual], or with swiglu out (n, m) = silu(x Wg^T) * "
+          "(x Wu^T) for weight (2m, k) = [Wg; Wu]. Pointers 0 for none. Asynchronous on `stream`.");
+    m.def("linear_config_error", &config_error, py::arg("n"), py::arg("m"), py::arg("k"), py::arg("swiglu"),
+          py::arg("kernel"), py::arg("warps"), py::arg("rows"), py::arg("split_k"), py::arg("unroll"),
+          py::arg("stages"), "None if the linear launch config can run this problem, else why not.");
+    m.def("linear_workspace_bytes", &workspace_bytes, py::arg("n"), py::arg("m"), py::arg("k"), py::arg("swiglu"),
+          py::arg("kernel"), py::arg("warps"), py::arg("rows"), py::arg("split_k"), py::arg("unroll"),
+          py::arg("stages"), "Bytes of zero-initialised workspace the config needs (0: none).");
+}

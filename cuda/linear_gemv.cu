@@ -1,0 +1,243 @@
+// GEMV path of the decode linear layer (n = 1..8 rows of x): memory-bound, CUDA cores.
+//
+// Each warp owns R output rows (R gate rows + the R matching up rows for SwiGLU) and streams them with 16-byte
+// loads, U loads per weight row in flight per lane, L1 bypassed (every weight byte is used once). x is tiny
+// (n * k * 2 <= 128 KB) and read through the read-only path, where it stays in L1 for the other warps; one x
+// load serves all R rows of the warp, which is why R grows with n. Accumulation is fp32; the R * NT sums of a
+// warp are reduced with a transpose-reduce (31 shuffles for 32 sums, not 5 each). `split_k` warps of a block
+// share one row group, each taking every split_k-th chunk of K, and add up through shared memory: small-m,
+// large-k shapes get enough warps without a global workspace.
+#include "linear.cuh"
+
+namespace seseme_linear {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+// ----------------------------------------------------------------------------------------------------
+// kernels
+
+// Streamed once per call: skip L1, ask L2 to fetch 256 B around the line.
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8], __nv_bfloat16) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {  // bf16 is the top half of an fp32
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8], __half) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 t = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+        f[2 * i] = t.x;
+        f[2 * i + 1] = t.y;
+    }
+}
+
+// Transpose-reduce of C values per lane over the lanes of the warp. Each stage halves the values a lane keeps:
+// lanes with bit OFF set keep the upper half and send the lower. Afterwards a lane holds max(1, C/32) complete
+// sums in v[0..], for the value indices lane_base(lane) + j.
+template <int C, int OFF, int V>
+__device__ __forceinline__ void transpose_reduce(float (&v)[V], int lane) {
+    if constexpr (OFF > 0) {
+        if constexpr (C > 1) {
+            constexpr int H = C / 2;
+            const bool upper = (lane & OFF) != 0;
+#pragma unroll
+            for (int i = 0; i < H; i++) {
+                const float send = upper ? v[i] : v[i + H];
+                const float keep = upper ? v[i + H] : v[i];
+                v[i] = keep + __shfl_xor_sync(kFull, send, OFF);
+            }
+            transpose_reduce<H, OFF / 2>(v, lane);
+        } else {
+            v[0] += __shfl_xor_sync(kFull, v[0], OFF);
+            transpose_reduce<1, OFF / 2>(v, lane);
+        }
+    }
+}
+
+// Stages that halve the value count: min(5, log2(V)).
+template <int V>
+constexpr int kHalvings = V >= 32 ? 5 : V >= 16 ? 4 : V >= 8 ? 3 : V >= 4 ? 2 : V >= 2 ? 1 : 0;
+
+template <int V>
+__device__ __forceinline__ int lane_base(int lane) {
+    int base = 0;
+#pragma unroll
+    for (int s = 0; s < kHalvings<V>; s++)
+        if (lane & (16 >> s)) base += V >> (s + 1);
+    return base;
+}
+
+// Pack p of x row j, zeros past the row or past n (uniform branches).
+template <typename T>
+__device__ __forceinline__ uint4 load_x(const T* __restrict__ x, int k, int npk, int j, int p, bool full, int n) {
+    if (j >= n || !(full || p < npk)) return make_uint4(0, 0, 0, 0);
+    return __ldg(reinterpret_cast<const uint4*>(x + (size_t)j * k) + p);
+}
+
+// Grid: one block per `warps / split_k` row groups of R output rows. Rows past m are clamped to row m - 1
+// (loaded, never stored) so the loads need no guard. out may alias residual, never x or weight.
+template <typename T, int NT, int R, int U, bool SWIGLU>
+__global__ void __launch_bounds__(256, 1) gemv_kernel(T* out, const T* __restrict__ x, const T* __restrict__ weight,
+                                                  const T* residual, int n, int m, int k, int split_k) {
+    constexpr int RW = SWIGLU ? 2 * R : R;  // weight rows per warp: value index = row * NT + x row
+    constexpr int V = RW * NT;
+    constexpr int C = V > 32 ? V / 32 : 1;  // sums per lane after the reduce
+    __shared__ float partial[8 * 64];       // split_k: [warp][value], warps <= 8, V <= 64
+    static_assert(V <= 64, "too many sums per warp");
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int ks = warp % split_k;
+    const int row0 = (blockIdx.x * (blockDim.x / 32 / split_k) + warp / split_k) * R;
+    const int npk = k / 8;             // 16-byte packs per row
+    constexpr int kChunk = 32 * U;     // packs per warp per step
+    const int nchunks = (npk + kChunk - 1) / kChunk;
+
+    const T* wrow[RW];
+#pragma unroll
+    for (int i = 0; i < RW; i++) {
+        const int r = min(row0 + i % R, m - 1);
+        wrow[i] = weight + (size_t)(i >= R ? r + m : r) * k;
+    }
+
+    float acc[RW][NT];
+#pragma unroll
+    for (int i = 0; i < RW; i++)
+#pragma unroll
+        for (int j = 0; j < NT; j++) acc[i][j] = 0.f;
+
+    // x loads go out right behind the weight loads when their registers fit, so their L1 latency hides under
+    // the weights' DRAM latency instead of following it.
+    constexpr bool kPreloadX = NT * U <= 16;
+    for (int c = ks; c < nchunks; c += split_k) {
+        const int p0 = c * kChunk + lane;
+        const bool full = (c + 1) * kChunk <= npk;
+        uint4 wv[RW][U];  // all weight loads of the step issued before the first use
+#pragma unroll
+        for (int i = 0; i < RW; i++)
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int p = p0 + u * 32;
+                wv[i][u] = (full || p < npk) ? ld_stream(wrow[i] + (size_t)p * 8) : make_uint4(0, 0, 0, 0);
+            }
+        uint4 xv[kPreloadX ? NT : 1][kPreloadX ? U : 1];
+        if constexpr (kPreloadX) {
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+#pragma unroll
+                for (int u = 0; u < U; u++) xv[j][u] = load_x(x, k, npk, j, p0 + u * 32, full, n);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            float wf[RW][8];
+#pragma unroll
+            for (int i = 0; i < RW; i++) unpack8(wv[i][u], wf[i], T());
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                if (j >= n) break;  // uniform across the block
+                float xf[8];
+                if constexpr (kPreloadX) unpack8(xv[j][u], xf, T());
+                else unpack8(load_x(x, k, npk, j, p0 + u * 32, full, n), xf, T());
+#pragma unroll
+                for (int i = 0; i < RW; i++)
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[i][j] = fmaf(wf[i][e], xf[e], acc[i][j]);
+            }
+        }
+    }
+
+    float v[V];
+#pragma unroll
+    for (int i = 0; i < RW; i++)
+#pragma unroll
+        for (int j = 0; j < NT; j++) v[i * NT + j] = acc[i][j];
+    transpose_reduce<V, 16>(v, lane);
+    const int base = lane_base<V>(lane);
+    const bool writer = (lane & ((32 >> kHalvings<V>) - 1)) == 0;
+
+    if (split_k > 1) {  // uniform across the block
+        if (writer)
+#pragma unroll
+            for (int j = 0; j < C; j++) partial[warp * V + base + j] = v[j];
+        __syncthreads();
+        if (ks != 0) return;
+#pragma unroll
+        for (int j = 0; j < C; j++) {
+            float s = 0.f;
+            for (int q = 0; q < split_k; q++) s += partial[(warp + q) * V + base + j];
+            v[j] = s;
+        }
+    }
+
+    // SwiGLU: the up sums (upper half of the value indices) sit in the lanes with bit 16 set, 16 lanes away
+    // from their gate sums, because the first halving stage split on bit 16.
+#pragma unroll
+    for (int j = 0; j < C; j++) {
+        const float up = SWIGLU ? __shfl_xor_sync(kFull, v[j], 16) : 0.f;
+        const int vi = base + j;
+        if (writer && (!SWIGLU || (lane & 16) == 0)) {
+            const int row = row0 + vi / NT, xr = vi % NT;
+            if (xr < n && row < m) store_out<T, SWIGLU>(out, residual, (size_t)xr * m + row, v[j], up);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// launchers
+
+template <typename T, int NT, int R, int U, bool SWIGLU>
+const char* run(const Args& a) {
+    const int groups = a.cfg.warps / a.cfg.split_k;
+    const int64_t row_groups = (a.m + R - 1) / R;
+    const int64_t blocks = (row_groups + groups - 1) / groups;
+    gemv_kernel<T, NT, R, U, SWIGLU><<<(unsigned)blocks, a.cfg.warps * 32, 0, a.stream>>>(
+        (T*)a.out, (const T*)a.x, (const T*)a.weight, (const T*)a.residual, a.n, a.m, a.k, a.cfg.split_k);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+// The (rows, unroll) pairs compiled: weight loads in flight per lane = rows * unroll (* 2 for SwiGLU) <= 16.
+template <typename T, int NT, bool SWIGLU>
+const char* pick_rows(const Args& a) {
+    const int r = a.cfg.rows, u = a.cfg.unroll;
+#define SESEME_GEMV_CASE(R_, U_) \
+    if (r == R_ && u == U_) return run<T, NT, R_, U_, SWIGLU>(a);
+    SESEME_GEMV_CASE(1, 2) SESEME_GEMV_CASE(1, 4) SESEME_GEMV_CASE(1, 8)
+    SESEME_GEMV_CASE(2, 2) SESEME_GEMV_CASE(2, 4) SESEME_GEMV_CASE(4, 2)
+    if constexpr (!SWIGLU) {
+        SESEME_GEMV_CASE(2, 8) SESEME_GEMV_CASE(4, 4)
+    }
+#undef SESEME_GEMV_CASE
+    return "linear: GEMV rows/unroll pair not compiled";
+}
+
+template <typename T, bool SWIGLU>
+const char* pick_nt(const Args& a) {
+    if (a.n <= 1) return pick_rows<T, 1, SWIGLU>(a);
+    if (a.n <= 2) return pick_rows<T, 2, SWIGLU>(a);
+    if (a.n <= 4) return pick_rows<T, 4, SWIGLU>(a);
+    return pick_rows<T, 8, SWIGLU>(a);
+}
+
+}  // namespace
+
+const char* launch_gemv(const Args& a) {
+    if (a.dtype == SESEME_BF16) return a.swiglu ? pick_nt<__nv_bfloat16, true>(a) : pick_nt<__nv_bfloat16, false>(a);
+    if (a.dtype == SESEME_F16) return a.swiglu ? pick_nt<__half, true>(a) : pick_nt<__half, false>(a);
+    return "linear: unsupported dtype code (bf16 and fp16 only)";
+}
+
+}  // namespace seseme_linear

@@ -1,0 +1,28 @@
+// Launcher for the fused temperature + top-k + Philox sampling kernel (cuda/sampling.cu).
+// Plain C++ types only, so cpp/bind_sampling.cpp can include this header in a build without CUDA.
+#pragma once
+
+#include <cstdint>
+
+#include "common.cuh"
+
+// Largest vocabulary the kernel stages in shared memory (32 KB of fp32); the Python side sends larger
+// ones to the reference. CSM samples 2051-way.
+constexpr int64_t kSampleMaxVocab = 8192;
+// Most threads per block.
+constexpr int kSampleMaxThreads = 1024;
+
+// One draw per row of logits (rows, vocab) in `dtype`, row r at logits + r * row_stride elements:
+//   temperature[r] <= 0 (or NaN) or topk[r] == 1  -> argmax of the raw logits (first index among ties);
+//   else keep every logit >= the k-th largest (k = topk[r]; k <= 0 or k >= vocab keeps all), and return
+//   argmax over kept i of  l_i / T - log(-log(U_i))  (first index among ties), where U_i is word i % 4 of
+//   Philox4x32-10(counter = (i / 4, codebook, counters[r] lo, hi), key = (seeds[r] lo, hi)) mapped to
+//   ((u >> 8) + 1) * 2^-24 in (0, 1]; a NaN key (-inf logit, U = 1) counts as -inf. NaN logits: any index.
+// temperature fp32, topk int32, seeds/counters/out int64, all (rows,). Reads nothing but these; writes
+// out[r] only. threads: threads per block, a multiple of 32 in [32, kSampleMaxThreads], or 0 for the
+// default (one Philox group of 4 entries per thread).
+// Returns nullptr on success, else a static error message.
+const char* launch_sample_topk_philox(int64_t* out, const void* logits, int64_t rows, int64_t vocab,
+                                      int64_t row_stride, const float* temperature, const int32_t* topk,
+                                      const int64_t* seeds, const int64_t* counters, uint32_t codebook,
+                                      int dtype, int threads, uintptr_t stream);

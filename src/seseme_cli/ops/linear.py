@@ -1,0 +1,350 @@
+"""Decode linear layers: y = x @ W^T (+ residual) and the SwiGLU gate/up pair, ~95% of the bytes of a frame.
+
+`linear` / `swiglu_linear` run the CUDA kernels (cuda/linear*.cu) when they can; `linear_ref` /
+`swiglu_linear_ref` beside them are what the reference model computes, in plain PyTorch:
+
+    h = linear(x, w_qkv, out=qkv)                      # qkv = x @ w_qkv.T
+    linear(attn, w_o, out=x, residual=x)               # x = x + attn @ w_o.T, in place
+    swiglu_linear(h, w_gate_up, out=act)               # act = silu(h @ w_gate.T) * (h @ w_up.T)
+
+Kernels: n = rows of x. n <= 8 takes a CUDA-core GEMV (memory-bound), 8 < n <= 64 a tensor-core skinny GEMM;
+larger n (prefill) and anything the kernels do not take (CPU, k % 8 != 0, unaligned, fp32, autograd) go to the
+reference. `config` (a LinearConfig, a dict of its fields, or None for `default_config`) picks the kernel and
+its launch parameters; the autotuner supplies its own.
+
+Split-K and the workspace: the MMA kernel splits K over blocks when the row tiles alone cannot fill the GPU.
+Its blocks reduce through a caller-given workspace, zero-initialised once (`linear_workspace`); each call
+leaves it zeroed again, so one buffer serves every call on one stream, of any shape, as long as it is at least
+`linear_workspace_bytes` for each. Without a workspace the default config does not split K. With `out` (and the
+workspace when the config splits) given, a call allocates nothing and never syncs: it can be captured in a
+CUDA graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
+
+Tensor = torch.Tensor
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+GEMV_MAX_N = 8
+MMA_MAX_N = 64
+MAX_COUNTERS = 8192  # int32 tile counters at the start of a split-K workspace (cuda/linear.cuh)
+KERNELS = ("gemv", "mma")
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Launch parameters of the linear kernels.
+
+    kernel: "gemv" (n <= 8, CUDA cores) or "mma" (n <= 64, tensor cores).
+    warps: warps per block (1, 2, 4, 8).
+    rows: gemv: output rows per warp (1, 2, 4); mma: 16-row weight tiles per warp (1, 2, 4; >= 2 for swiglu;
+        rows * padded_n / 8 <= 16, padded_n in 8, 16, 32, 64).
+    split_k: gemv: warps of a block splitting K of one row group, a power of two dividing warps (no workspace);
+        mma: blocks splitting K, 1..16 (> 1 needs a workspace).
+    unroll: gemv: 16-byte weight loads in flight per weight row and lane (2, 4, 8; rows * unroll, doubled for
+        swiglu, <= 16). Ignored by mma.
+    stages: mma: cp.async pipeline depth (2, 3, 4; shared memory stages * (warps*16*rows + padded_n) * 128 bytes
+        <= 227 KB). Ignored by gemv.
+    """
+
+    kernel: str = "gemv"
+    warps: int = 4
+    rows: int = 1
+    split_k: int = 1
+    unroll: int = 8
+    stages: int = 3
+
+    def check(self, n: int, m: int, k: int, swiglu: bool = False) -> None:
+        """ValueError unless the kernels can run this config for x (n, k), m output columns (f for swiglu)."""
+        err = _config_error(self, n, m, k, swiglu)
+        if err is not None:
+            raise ValueError(f"linear: config {self} cannot run n={n}, m={m}, k={k}, swiglu={swiglu}: {err}")
+
+    def codes(self) -> tuple[int, int, int, int, int, int]:
+        """(kernel, warps, rows, split_k, unroll, stages) as the binding takes them."""
+        return (KERNELS.index(self.kernel), self.warps, self.rows, self.split_k, self.unroll, self.stages)
+
+
+def _mma_npad(n: int) -> int:
+    return 8 if n <= 8 else 16 if n <= 16 else 32 if n <= 32 else 64
+
+
+def _pow2_upto(v: int, hi: int) -> bool:
+    return isinstance(v, int) and 1 <= v <= hi and v & (v - 1) == 0
+
+
+def _mma_grid(m: int, k: int, swiglu: bool, cfg: LinearConfig) -> tuple[int, int]:
+    """(row tiles, K slices) as the launcher makes them; every slice gets >= 1 chunk of 64 k."""
+    rows_out = cfg.warps * 16 * cfg.rows // (2 if swiglu else 1)
+    tiles = -(-m // rows_out)
+    nchunks = -(-k // 64)
+    per_split = -(-nchunks // cfg.split_k)
+    return tiles, -(-nchunks // per_split)
+
+
+def _config_error(cfg: LinearConfig, n: int, m: int, k: int, swiglu: bool) -> str | None:
+    """The rules of linear_config_error in cuda/linear.cuh (a test holds the two equal)."""
+    if n < 1 or m < 1 or k < 1:
+        return "n, m and k must be >= 1"
+    if m > 2**30 - 1 or k > 2**31 - 1 or n * k > 2**31 - 1 or n * m > 2**31 - 1:
+        return "sizes too large for 32-bit indexing"
+    if k % 8:
+        return "k must be a multiple of 8 for the kernels"
+    if not _pow2_upto(cfg.warps, 8):
+        return "warps must be 1, 2, 4 or 8"
+    if cfg.kernel == "gemv":
+        if n > GEMV_MAX_N:
+            return f"the GEMV kernel takes n <= {GEMV_MAX_N}"
+        if not _pow2_upto(cfg.rows, 4):
+            return "GEMV rows (output rows per warp) must be 1, 2 or 4"
+        if cfg.unroll not in (2, 4, 8):
+            return "GEMV unroll must be 2, 4 or 8"
+        if cfg.rows * cfg.unroll * (2 if swiglu else 1) > 16:
+            return "GEMV rows * unroll (* 2 for swiglu) must be <= 16 (loads in flight per lane)"
+        if not _pow2_upto(cfg.split_k, 8) or cfg.warps % cfg.split_k:
+            return "GEMV split_k must be a power of two dividing warps"
+        return None
+    if cfg.kernel == "mma":
+        if n > MMA_MAX_N:
+            return f"the MMA kernel takes n <= {MMA_MAX_N}"
+        if not _pow2_upto(cfg.rows, 4):
+            return "MMA rows (16-row tiles per warp) must be 1, 2 or 4"
+        if swiglu and cfg.rows < 2:
+            return "MMA with swiglu needs rows >= 2 (gate and up tiles per warp)"
+        if cfg.rows * _mma_npad(n) > 128:
+            return "MMA rows * padded n / 8 must be <= 16 (accumulators)"
+        if cfg.stages not in (2, 3, 4):
+            return "MMA stages must be 2, 3 or 4"
+        if not (isinstance(cfg.split_k, int) and 1 <= cfg.split_k <= 16):
+            return "MMA split_k must be in 1..16"
+        if cfg.stages * (cfg.warps * 16 * cfg.rows + _mma_npad(n)) * 128 > 227 * 1024:
+            return "MMA config needs more than 227 KB of shared memory"
+        tiles, splits = _mma_grid(m, k, swiglu, cfg)
+        if splits > 1 and tiles > MAX_COUNTERS:
+            return "too many row tiles for split-K"
+        return None
+    return f"kernel must be one of {KERNELS}"
+
+
+def _as_config(config: LinearConfig | dict | None) -> LinearConfig | None:
+    if config is None or isinstance(config, LinearConfig):
+        return config
+    if isinstance(config, dict):
+        names = {f.name for f in dataclasses.fields(LinearConfig)}
+        unknown = set(config) - names
+        if unknown:
+            raise ValueError(f"linear: unknown config fields {sorted(unknown)}; known: {sorted(names)}")
+        return LinearConfig(**config)
+    raise ValueError(f"linear: config must be a LinearConfig, a dict or None, got {type(config).__name__}")
+
+
+@functools.lru_cache(maxsize=4096)
+def default_config(n: int, m: int, k: int, swiglu: bool = False, *, split_ok: bool = True,
+                   sms: int = 132) -> LinearConfig:
+    """The built-in launch config for x (n, k) and m output columns (f for swiglu) on a GPU with `sms`
+    multiprocessors. split_ok=False: no config that needs a workspace. For n > 64 (the reference runs)
+    and k % 8 != 0 it still returns a config, which the dispatcher does not use.
+
+    Rules read off a sweep of every config over the model's shapes on an H100 (CUDA graphs, weights streamed
+    from HBM): the GEMV wins up to n = 4, and to n = 8 for plain layers with k <= 2048; the MMA kernel wants
+    small row tiles (one 16-row tile per warp, 32-64 rows per block) and K split until there are ~2-4 blocks
+    per SM; SwiGLU layers (m = 8192) have enough row tiles without splitting.
+    """
+    if n <= 4 or (n <= GEMV_MAX_N and k <= 2048 and not swiglu):
+        rows = 1 if n == 1 or (swiglu and n == 2) else 2
+        unroll = 2 if rows > 1 else 4 if swiglu or k <= 2048 else 8  # 4-8 weight loads in flight per lane
+        npk = k // 8
+        while unroll > 2 and 32 * unroll > npk:  # a step of 32 * unroll packs should not run past the row
+            unroll //= 2
+        chunks = -(-npk // (32 * unroll))
+        row_warps = -(-m // rows)
+        split = 1
+        while split < 8 and 2 * split <= chunks and row_warps * split < 12 * sms:
+            split *= 2
+        return LinearConfig("gemv", warps=max(4, split), rows=rows, split_k=split, unroll=unroll, stages=3)
+    npad = _mma_npad(min(n, MMA_MAX_N))
+    warps = 2 if n <= 16 else 4
+    rows = 2 if swiglu else 1
+    tiles = -(-m // (warps * 16 * rows // (2 if swiglu else 1)))
+    split = 1
+    if split_ok and not swiglu:
+        target = (4 if n <= 16 else 2) * sms
+        split = max(1, min(16, -(-k // 64) // 2, round(target / tiles)))
+    stages = 4
+    while stages > 2 and stages * (warps * 16 * rows + npad) * 128 > 227 * 1024:
+        stages -= 1
+    return LinearConfig("mma", warps=warps, rows=rows, split_k=split, unroll=8, stages=stages)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sms(device: torch.device | str | None) -> int:
+    device = torch.device(device) if device is not None else None
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def linear_workspace_bytes(n: int, m: int, k: int, swiglu: bool = False, config: LinearConfig | dict | None = None,
+                           *, device: torch.device | str | None = None) -> int:
+    """Bytes of workspace the kernel needs for this problem: for `config`, or for the default config with a
+    workspace on `device`. 0 when the config does not split K."""
+    cfg = _as_config(config) or default_config(n, m, k, swiglu, sms=_sms(device))
+    if cfg.kernel != "mma" or _config_error(cfg, n, m, k, swiglu) is not None:
+        return 0
+    tiles, splits = _mma_grid(m, k, swiglu, cfg)
+    if splits <= 1:
+        return 0
+    return MAX_COUNTERS * 4 + splits * tiles * (cfg.warps * 32 * cfg.rows * _mma_npad(n) // 2) * 4
+
+
+def linear_workspace(n: int, m: int, k: int, swiglu: bool = False, config: LinearConfig | dict | None = None,
+                     *, device: torch.device | str = "cuda") -> Tensor:
+    """A zeroed workspace (uint8) big enough for this problem; allocate it outside graph capture. For several
+    shapes, allocate once with the max of their linear_workspace_bytes and pass the same buffer to all."""
+    nbytes = linear_workspace_bytes(n, m, k, swiglu, config, device=device)
+    return torch.zeros(max(nbytes, 16), dtype=torch.uint8, device=device)
+
+
+# ---------------------------------------------------------------------------------------------- linear
+
+
+def linear(x: Tensor, weight: Tensor, out: Tensor | None = None, residual: Tensor | None = None,
+           config: LinearConfig | dict | None = None, workspace: Tensor | None = None) -> Tensor:
+    """out = x @ weight.T (+ residual), fp32 accumulation, rounded once.
+
+    x: (..., k); weight: (m, k) as nn.Linear stores it; residual: (..., m) or None; out: (..., m) or None
+    (allocated). Same dtype everywhere. out may be residual itself (the in-place "x = x + W h" update), never
+    overlap x or weight. config: see LinearConfig (validated when given); workspace: see the module doc.
+    Returns out.
+    """
+    return _dispatch(x, weight, out, residual, config, workspace, swiglu=False)
+
+
+def linear_ref(x: Tensor, weight: Tensor, out: Tensor | None = None, residual: Tensor | None = None,
+               config: LinearConfig | dict | None = None, workspace: Tensor | None = None) -> Tensor:
+    """`linear` in plain PyTorch, rounded as the reference model rounds: F.linear, then + residual."""
+    _check_args(x, weight, out, residual, config, swiglu=False)
+    y = F.linear(x, weight)
+    if residual is not None:
+        y = residual + y
+    return y if out is None else out.copy_(y)
+
+
+def swiglu_linear(x: Tensor, weight_gate_up: Tensor, out: Tensor | None = None,
+                  config: LinearConfig | dict | None = None, workspace: Tensor | None = None) -> Tensor:
+    """out = silu(x @ W_gate.T) * (x @ W_up.T) with weight_gate_up = cat([W_gate, W_up]) of shape (2f, k).
+
+    x: (..., k); out: (..., f) or None. fp32 inside, rounded once. Otherwise as `linear`.
+    """
+    return _dispatch(x, weight_gate_up, out, None, config, workspace, swiglu=True)
+
+
+def swiglu_linear_ref(x: Tensor, weight_gate_up: Tensor, out: Tensor | None = None,
+                      config: LinearConfig | dict | None = None, workspace: Tensor | None = None) -> Tensor:
+    """`swiglu_linear` in plain PyTorch, as the reference MLP computes it: silu(gate(x)) * up(x)."""
+    _check_args(x, weight_gate_up, out, None, config, swiglu=True)
+    w_gate, w_up = weight_gate_up.chunk(2, dim=0)
+    y = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+    return y if out is None else out.copy_(y)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None,
+              config: LinearConfig | dict | None, workspace: Tensor | None, swiglu: bool) -> Tensor:
+    cfg = _check_args(x, weight, out, residual, config, swiglu)
+    ref = swiglu_linear_ref if swiglu else linear_ref
+    if not _kernel_applies(x, weight, out, residual, workspace):
+        return ref(x, weight, out, residual, cfg) if not swiglu else ref(x, weight, out, cfg)
+    k = x.shape[-1]
+    m = weight.shape[0] // (2 if swiglu else 1)
+    n = x.numel() // k
+    if out is None:
+        out = torch.empty((*x.shape[:-1], m), dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    if cfg is None:
+        cfg = default_config(n, m, k, swiglu, split_ok=workspace is not None, sms=_sms(x.device))
+    ws_ptr, ws_bytes = (0, 0) if workspace is None else (workspace.data_ptr(), workspace.numel() * workspace.element_size())
+    need = linear_workspace_bytes(n, m, k, swiglu, cfg)
+    if need > ws_bytes:
+        raise ValueError(f"linear: config {cfg} splits K and needs a zeroed workspace of >= {need} bytes "
+                         f"(linear_workspace), got {ws_bytes}")
+    index = x.device.index
+    args = (out.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if residual is None else residual.data_ptr(),
+            ws_ptr, ws_bytes, n, m, k, swiglu, dtype_code(x.dtype), *cfg.codes(), stream_handle(index))
+    if index == torch.cuda.current_device():
+        kernels_module().linear(*args)
+    else:
+        with torch.cuda.device(index):  # the launch goes to the current device's context
+            kernels_module().linear(*args)
+    return out
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _check_args(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None,
+                config: LinearConfig | dict | None, swiglu: bool) -> LinearConfig | None:
+    name = "swiglu_linear" if swiglu else "linear"
+    if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.shape[-1] == 0:
+        raise ValueError(f"{name}: need x (..., k) and weight (m, k) with k > 0, got x {tuple(x.shape)} "
+                         f"and weight {tuple(weight.shape)}")
+    if swiglu and weight.shape[0] % 2:
+        raise ValueError(f"{name}: weight_gate_up must have an even number of rows (cat of gate and up), "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"{name}: weight is {weight.dtype} on {weight.device}, x {x.dtype} on {x.device}")
+    m = weight.shape[0] // (2 if swiglu else 1)
+    shape = (*x.shape[:-1], m)
+    for what, t in (("residual", residual), ("out", out)):
+        if t is not None and (t.shape != shape or t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name}: {what} must be {shape} {x.dtype} on {x.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if out is not None:
+        if _overlap(out, x) or _overlap(out, weight):
+            raise ValueError(f"{name}: out must not overlap x or weight")
+        if residual is not None and _overlap(out, residual) and (
+                out.data_ptr() != residual.data_ptr() or out.stride() != residual.stride()):
+            raise ValueError(f"{name}: out must be residual itself or not overlap it")
+    cfg = _as_config(config)
+    if cfg is not None and x.numel() > 0:
+        cfg.check(x.numel() // x.shape[-1], m, x.shape[-1], swiglu)
+    return cfg
+
+
+def _kernel_applies(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None,
+                    workspace: Tensor | None) -> bool:
+    """Whether the dispatcher launches a kernel (the arguments already checked)."""
+    k = x.shape[-1]
+    inputs = [t for t in (x, weight, residual) if t is not None]
+    return (
+        x.is_cuda
+        and x.dtype in KERNEL_DTYPES
+        and k % 8 == 0
+        and x.numel() // k <= MMA_MAX_N
+        and all(t.is_contiguous() for t in (*inputs, out) if t is not None)
+        and x.data_ptr() % 16 == 0
+        and weight.data_ptr() % 16 == 0
+        and (workspace is None or (workspace.is_cuda and workspace.device == x.device and workspace.is_contiguous()))
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))  # the kernels have no backward
+        and has_cuda_kernels()
+    )
