@@ -3,7 +3,8 @@
 //   linear_gemv.cu  n <= 8: CUDA-core GEMV, memory-bound, one warp per few weight rows
 //   linear_mma.cu   n <= 64: tensor-core skinny GEMM (mma.sync), cp.async pipeline, optional split-K
 // This file checks pointers and dispatches; config checks and workspace sizes are in linear.cuh (plain C++, so
-// the binding has them in a CPU build too). The choice of config per shape lives in Python (seseme_cli.ops.linear.default_config), where the autotuner can replace it.
+// the binding has them in a CPU build too). The choice of config per shape lives in Python
+// (seseme_cli.ops.linear.default_config), where the autotuner can replace it.
 #include "linear.cuh"
 
 using namespace seseme_linear;

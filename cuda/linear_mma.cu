@@ -166,7 +166,8 @@ __global__ void __launch_bounds__(256, 1) mma_kernel(T* out, const T* __restrict
         for (int i = 0; i < MW; i++)
 #pragma unroll
             for (int j = 0; j < NT8; j++)
-                __stcg(mine + (i * NT8 + j) * blockDim.x + tid, make_float4(c[i][j][0], c[i][j][1], c[i][j][2], c[i][j][3]));
+                __stcg(mine + (i * NT8 + j) * blockDim.x + tid,
+                       make_float4(c[i][j][0], c[i][j][1], c[i][j][2], c[i][j][3]));
         __threadfence();
         __syncthreads();
         if (tid == 0) is_last = atomicAdd(&counters[blockIdx.x], 1) == (int)gridDim.y - 1;
@@ -187,7 +188,8 @@ __global__ void __launch_bounds__(256, 1) mma_kernel(T* out, const T* __restrict
             float4 v[SB][Q];
 #pragma unroll
             for (int d = 0; d < SB; d++) {
-                const float4* p = reinterpret_cast<const float4*>(partials + ((s0 + d) * gridDim.x + blockIdx.x) * per_block);
+                const float4* p =
+                    reinterpret_cast<const float4*>(partials + ((s0 + d) * gridDim.x + blockIdx.x) * per_block);
 #pragma unroll
                 for (int q = 0; q < Q; q++)
                     v[d][q] = s0 + d < S ? __ldcg(p + q * blockDim.x + tid) : make_float4(0.f, 0.f, 0.f, 0.f);

@@ -190,7 +190,7 @@ def test_interrupt_leaves_no_files(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # the codes' temp file is gone too
 
 
-@pytest.mark.parametrize("command", ["batch", "tune"])
+@pytest.mark.parametrize("command", ["tune"])
 def test_stubs_say_not_implemented(command):
     result = runner.invoke(cli.app, [command, "--some-option", "x"])
     assert result.exit_code == 2 and "not implemented yet" in result.stderr

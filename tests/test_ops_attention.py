@@ -500,13 +500,14 @@ def test_attention_kernel(N, H, Hkv, hd, S, dtype):
 
 @pytest.mark.cuda
 @needs_kernels
+@pytest.mark.parametrize("lengths_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_attention_kernel_empty_and_clamped_rows(num_splits):
+def test_attention_kernel_empty_and_clamped_rows(num_splits, lengths_dtype):
     # length 0 or negative -> zeros; length > S -> S; cache row out of range -> treated as length 0.
     N, H, Hkv, hd, S = 6, 8, 2, 128, 300
     q, k_cache, v_cache, rows, _ = attention_case(N, H, Hkv, hd, S, torch.bfloat16, seed=9)
     k_cache, v_cache = torch.nan_to_num(k_cache), torch.nan_to_num(v_cache)
-    lengths = torch.tensor([0, -5, S + 7, 10, 10, 1], device="cuda", dtype=torch.int32)
+    lengths = torch.tensor([0, -5, S + 7, 10, 10, 1], device="cuda", dtype=lengths_dtype)
     rows = torch.tensor([0, 1, 0, k_cache.shape[0], -1, 1], device="cuda", dtype=torch.int64)
     out = torch.full_like(q, float("nan"))
     decode_attention(q, k_cache, v_cache, rows, lengths, out, num_splits=num_splits)
@@ -515,6 +516,25 @@ def test_attention_kernel_empty_and_clamped_rows(num_splits):
     ref = decode_attention_ref(q[ok], k_cache, v_cache, rows[ok], lengths[ok], torch.empty_like(q[ok]))
     gold = attention_gold(q[ok], k_cache, v_cache, rows[ok], lengths[ok])
     assert max_err(out[ok], gold) <= 2 * max_err(ref, gold) + 1e-5 * v_cache.double().abs().max().item()
+
+
+@pytest.mark.cuda
+@needs_kernels
+def test_attention_workspace_capacity():
+    # An explicit num_splits beyond the workspace is an error; the default is capped by it instead.
+    N, H, Hkv, hd, S = 2, 32, 8, 64, 2048
+    q, k_cache, v_cache, rows, lengths = attention_case(N, H, Hkv, hd, S, torch.bfloat16, seed=12)
+    small = attention_workspace(N, H, hd, 2, "cuda")
+    out = torch.empty_like(q)
+    with pytest.raises(ValueError, match="workspace holds 2 splits"):
+        decode_attention(q, k_cache, v_cache, rows, lengths, out, workspace=small, num_splits=8)
+    assert default_num_splits(N, H, Hkv, S, "cuda") > 2
+    out.fill_(float("nan"))
+    decode_attention(q, k_cache, v_cache, rows, lengths, out, workspace=small)  # runs with 2 splits
+    gold = attention_gold(q, k_cache, v_cache, rows, lengths)
+    ref = decode_attention_ref(q, k_cache, v_cache, rows, lengths, torch.empty_like(q))
+    vmax = torch.nan_to_num(v_cache.double(), nan=0.0).abs().max().item()
+    assert max_err(out, gold) <= 2 * max_err(ref, gold) + 1e-5 * vmax
 
 
 @pytest.mark.cuda

@@ -124,6 +124,8 @@ def test_readable_errors():
         linear(x, w, config={"warp": 4})
     with pytest.raises(ValueError, match="config must be"):
         linear(x, w, config=(0, 4, 1, 1, 8, 3))
+    with pytest.raises(ValueError, match="workspace must be"):
+        linear(x, w, workspace=torch.zeros(64, dtype=torch.uint8)[::2])
 
 
 @pytest.mark.parametrize("n,cfg,swiglu,match", [
@@ -144,6 +146,7 @@ def test_readable_errors():
     (65, LinearConfig("mma"), False, "n <= 64"),
     (4, LinearConfig("mma", warps=8, rows=4, stages=4), False, "shared memory"),
     (4, LinearConfig("conv"), False, "kernel must be"),
+    (4, LinearConfig("torch"), True, "no SwiGLU"),
 ])
 def test_invalid_configs_raise(n, cfg, swiglu, match):
     x, w, _ = make(n, 64, 128, torch.bfloat16, "cpu", swiglu=swiglu)
@@ -161,7 +164,8 @@ def test_default_configs_are_valid(swiglu):
         if k % 8:
             continue
         cfg.check(n, m, k, swiglu)
-        assert cfg.kernel == "gemv" if n <= 4 else cfg.kernel == "mma" if n > 8 else True
+        assert cfg.kernel == "gemv" if n <= 4 else cfg.kernel in ("mma", "torch") if n > 8 else True
+        assert cfg.kernel != "torch" or (n > 8 and not swiglu and m % 64 == 0)
         if not split_ok:
             assert linear_workspace_bytes(n, m, k, swiglu, cfg) == 0
 
@@ -172,10 +176,10 @@ def test_workspace_sizes():
     # 16 row tiles x 4 slices x (128 threads x 2 tiles x 8 n8-tiles x 4 floats) + the counters
     assert linear_workspace_bytes(64, 2048, 2048, config=cfg) == 8192 * 4 + 16 * 4 * 128 * 2 * 8 * 4 * 4
     assert linear_workspace_bytes(64, 2048, 64, config=cfg) == 0  # one chunk of k: nothing to split
-    assert linear_workspace_bytes(16, 2048, 2048) > 0  # the default with a workspace splits small m
+    assert linear_workspace_bytes(16, 2048, 8192) > 0  # the default with a workspace splits small m
     assert linear_workspace_bytes(16, 8192, 2048, swiglu=True) == 0  # enough row tiles
-    ws = linear_workspace(16, 2048, 2048, device="cpu")
-    assert ws.dtype == torch.uint8 and ws.numel() == linear_workspace_bytes(16, 2048, 2048) and not ws.any()
+    ws = linear_workspace(16, 2048, 8192, device="cpu")
+    assert ws.dtype == torch.uint8 and ws.numel() == linear_workspace_bytes(16, 2048, 8192) and not ws.any()
 
 
 def all_configs(n, swiglu):
@@ -186,6 +190,8 @@ def all_configs(n, swiglu):
             yield LinearConfig("gemv", warps=warps, rows=rows, split_k=split, unroll=unroll)
     for rows, warps, stages, split in itertools.product((1, 2, 4), (1, 2, 4, 8), (2, 3, 4), (1, 3, 16)):
         yield LinearConfig("mma", warps=warps, rows=rows, split_k=split, stages=stages)
+    if not swiglu:
+        yield LinearConfig("torch")
 
 
 @pytest.mark.skipif(kernels_module() is None, reason="the compiled module is not built")
@@ -195,6 +201,8 @@ def test_config_rules_match_the_binding():
     for (m, k), n, swiglu in itertools.product([(1, 8), (1000, 1000), (2048, 8192), (7, 12), (300000, 64)],
                                                (1, 3, 8, 9, 33, 64, 65), (False, True)):
         for cfg in itertools.chain(all_configs(min(n, 8), swiglu), all_configs(n, swiglu)):
+            if cfg.kernel == "torch":
+                continue
             py_err = _config_error(cfg, n, m, k, swiglu)
             cpp_err = k_mod.linear_config_error(n, m, k, swiglu, *cfg.codes())
             assert (py_err is None) == (cpp_err is None), (cfg, n, m, k, swiglu, py_err, cpp_err)
@@ -223,7 +231,7 @@ class Problem:
     def check(self, config=None, workspace=None, inplace=False):
         """Run the kernel into a NaN-poisoned output (or in place on a copy of the residual); its error must be
         at most 2x PyTorch's plus a floor of a few fp32 ulps. Returns the output."""
-        assert _kernel_applies(self.x, self.w, None, self.r, workspace)
+        assert _kernel_applies(self.x, self.w, None, self.r)
         if inplace:
             out = self.r.clone()
             got = linear(self.x, self.w, out=out, residual=out, config=config, workspace=workspace)
@@ -313,7 +321,7 @@ def test_fallbacks_to_reference():
     cases.append(make(65, 100, 1024, torch.bfloat16, "cuda", residual=True))
     cases.append(make(200, 300, 1024, torch.float16, "cuda", residual=True))
     for x, w, r in cases:
-        assert not _kernel_applies(x, w, None, r, None)
+        assert not _kernel_applies(x, w, None, r)
         out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device="cuda")
         linear(x, w, out, r)
         assert torch.equal(out, linear_ref(x, w, residual=r))
@@ -366,18 +374,22 @@ def _graph_problems():
     x2, w2, _ = make(16, 1024, 8192, torch.bfloat16, "cuda", seed=2)
     x3, w3, _ = make(4, 1024, 1024, torch.bfloat16, "cuda", seed=3, swiglu=True)
     x4, w4, _ = make(64, 2048, 2048, torch.bfloat16, "cuda", seed=4, swiglu=True)
-    ws = torch.zeros(max(linear_workspace_bytes(16, 1024, 8192, device="cuda"),
-                         linear_workspace_bytes(64, 2048, 2048, True, device="cuda")), dtype=torch.uint8, device="cuda")
-    outs = [torch.empty(1, 2048, dtype=torch.bfloat16, device="cuda"), torch.empty(16, 1024, dtype=torch.bfloat16, device="cuda"),
-            torch.empty(4, 1024, dtype=torch.bfloat16, device="cuda"), torch.empty(64, 2048, dtype=torch.bfloat16, device="cuda")]
+    x5, w5, r5 = make(32, 1024, 1024, torch.bfloat16, "cuda", seed=5, residual=True)
+    nbytes = max(linear_workspace_bytes(16, 1024, 8192, device="cuda"),
+                 linear_workspace_bytes(64, 2048, 2048, True, device="cuda"))
+    ws = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
+    outs = [torch.empty(n, m, dtype=torch.bfloat16, device="cuda")
+            for n, m in ((1, 2048), (16, 1024), (4, 1024), (64, 2048), (32, 1024))]
+    assert default_config(32, 1024, 1024).kernel == "torch"  # cuBLAS into out is in the mix
 
     def step():
         linear(x1, w1, outs[0], r1)
         linear(x2, w2, outs[1], workspace=ws)
         swiglu_linear(x3, w3, outs[2])
         swiglu_linear(x4, w4, outs[3], workspace=ws)
+        linear(x5, w5, outs[4], r5)
 
-    return step, outs, [x1, x2, x3, x4], ws
+    return step, outs, [x1, x2, x3, x4, x5], ws
 
 
 @pytest.mark.cuda

@@ -23,10 +23,11 @@ import torch
 import typer
 from rich.console import Console
 
-from . import audio_io
+from . import audio_io, streaming
 from .checkpoints import DEFAULT_MODEL
 from .errors import InputError, SesemeError
 from .generator import FRAME_MS, Segment, load_csm_1b_optimized
+from .longform import CHUNK_MS
 
 # Mimi's rate; context audio is read at it before the model (and so its codec) is loaded.
 SAMPLE_RATE = 24_000
@@ -162,16 +163,17 @@ def _save_npy_temp(path: Path, array: np.ndarray) -> str:
     return tmp
 
 
-def write_outputs(output: Path, audio: torch.Tensor, codes: torch.Tensor, codes_path: Path | None) -> None:
-    """Write the audio and (optionally) the codes: both appear, or neither does."""
+def write_outputs(output: Path, commit_audio, codes: torch.Tensor, codes_path: Path | None) -> None:
+    """Write the audio (`commit_audio()`) and (optionally) the codes: both appear, or neither does."""
     tmp = _save_npy_temp(codes_path, codes.numpy()) if codes_path else None
     try:
-        audio_io.write_audio(output, audio, SAMPLE_RATE)
+        commit_audio()
         if tmp:
             try:
                 os.replace(tmp, codes_path)
             except OSError as e:
-                output.unlink(missing_ok=True)
+                if str(output) != "-":
+                    output.unlink(missing_ok=True)
                 raise InputError(f"cannot write --codes {codes_path}: {e.strerror or e}") from None
             tmp = None
     finally:
@@ -182,9 +184,50 @@ def write_outputs(output: Path, audio: torch.Tensor, codes: torch.Tensor, codes_
 
 # --- commands ---------------------------------------------------------------------------------------------
 
+def load_model(model: str, device_name: str):
+    """Load the model with a status line, say so on stderr, and warn loudly about random weights."""
+    log = logging.getLogger("seseme")
+    if not any(isinstance(h, _WarningsToConsole) for h in log.handlers):
+        log.addHandler(_WarningsToConsole(logging.WARNING))
+    started = time.perf_counter()
+    with err.status(f"loading model {model} on {device_name}..."):
+        tts = load_csm_1b_optimized(model, device=device_name)
+    if tts.sample_rate != SAMPLE_RATE:
+        raise SesemeError(f"the model's codec runs at {tts.sample_rate} Hz; seseme expects {SAMPLE_RATE} Hz")
+    err.print(f"loaded {tts.description} on {device_name} in {time.perf_counter() - started:.1f} s",
+              style="dim", markup=False)
+    if tts.is_random:
+        err.print(f"WARNING: --model {model} has RANDOM weights: the output is noise, not speech.",
+                  style="bold red", markup=False)
+    return tts
+
+
+def check_chunk_ms(chunk_ms: float) -> None:
+    if not (chunk_ms >= 2 * FRAME_MS and math.isfinite(chunk_ms)):
+        raise InputError(f"--chunk-ms must be at least {2 * FRAME_MS}, got {chunk_ms}")
+
+
+def _say_stream(tts, output: Path, codes_path: Path | None, args: tuple):
+    """Write the audio while it is generated: into a temp file renamed at the end, or as a WAV stream on
+    stdout. Returns (codes, audio seconds, seconds to the first audio)."""
+    started, first = time.perf_counter(), None
+    sink = streaming.open_sink(output, SAMPLE_RATE)
+    try:
+        with err.status("generating...") as status, contextlib.closing(tts.stream(*args)) as chunks:
+            for chunk in chunks:
+                first = first if first is not None else time.perf_counter() - started
+                sink.write(chunk)
+                status.update(f"streaming: {sink.samples / SAMPLE_RATE:.1f} s of audio written...")
+        write_outputs(output, sink.commit, tts.last_codes, codes_path)
+    finally:
+        sink.abort()  # after a commit there is nothing left to remove
+    return tts.last_codes, sink.samples / SAMPLE_RATE, first
+
+
 @app.command()
 def say(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Audio file to write: .wav, .flac or .ogg.")],
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="Audio file to write: .wav, .flac or .ogg; - streams a WAV to standard output.")],
     text: Annotated[Optional[str], typer.Argument(
         metavar="TEXT", help="Text to speak; - reads it from standard input.", show_default=False)] = None,
     file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the text to speak from this file.")] = None,
@@ -194,52 +237,54 @@ def say(
         help="A context turn: an audio file, what is said in it, and its speaker id. Repeatable, in order.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.9,
     topk: Annotated[int, typer.Option(help="Sample from the k most likely codes.")] = 50,
-    max_audio_ms: Annotated[float, typer.Option("--max-audio-ms", help="Longest audio to generate, in ms.")] = 90_000,
+    max_audio_ms: Annotated[float, typer.Option(
+        "--max-audio-ms", help="Longest audio of one generation, in ms (a long text is spoken in chunks).")] = 90_000,
     seed: Annotated[Optional[int], typer.Option(help="Random seed, for repeatable output.")] = None,
     model: Annotated[str, typer.Option(
         help="Hugging Face id, local checkpoint, 'random' or 'tiny-random'.")] = DEFAULT_MODEL,
     device: Annotated[Optional[Device], typer.Option(help="Where to run (default: cuda when available).")] = None,
     codes: Annotated[Optional[Path], typer.Option(
         "--codes", help="Also save the Mimi codes (frames x 32) to this .npy file.")] = None,
+    stream: Annotated[bool, typer.Option(
+        "--stream", help="Write the audio while it is generated (always on with -o -).")] = False,
+    chunk_ms: Annotated[float, typer.Option(
+        "--chunk-ms", help="Text longer than this much speech is split into chunks spoken in turn, in ms.")] = CHUNK_MS,
 ) -> None:
-    """Speak TEXT and write it to an audio file."""
+    """Speak TEXT and write it to an audio file (or stream it)."""
+    to_stdout = str(output) == "-"
+    report = err if to_stdout else out  # with -o -, standard output carries the audio only
     with user_errors():
         words = read_text(text, file)
         check_settings(speaker, temperature, topk, max_audio_ms)
-        audio_io.check_output_path(output)
+        check_chunk_ms(chunk_ms)
+        if not to_stdout:
+            audio_io.check_output_path(output)
         if codes is not None:
             check_codes_path(codes)
         device_name = pick_device(device)
         segments = load_context(context or [])
-        log = logging.getLogger("seseme")
-        if not any(isinstance(h, _WarningsToConsole) for h in log.handlers):
-            log.addHandler(_WarningsToConsole(logging.WARNING))
+        tts = load_model(model, device_name)
 
-        started = time.perf_counter()
-        with err.status(f"loading model {model} on {device_name}..."):
-            tts = load_csm_1b_optimized(model, device=device_name)
-        if tts.sample_rate != SAMPLE_RATE:
-            raise SesemeError(f"the model's codec runs at {tts.sample_rate} Hz; seseme expects {SAMPLE_RATE} Hz")
-        loaded = f"loaded {tts.description} on {device_name} in {time.perf_counter() - started:.1f} s"
-        err.print(loaded, style="dim", markup=False)
-        if tts.is_random:
-            err.print(f"WARNING: --model {model} has RANDOM weights: the output is noise, not speech.",
-                      style="bold red", markup=False)
-
-        started = time.perf_counter()
-        doing = f"encoding {len(segments)} context clip(s) and generating..." if segments else "generating..."
-        with err.status(doing):
-            frames = tts.generate_codes(words, speaker, segments, max_audio_ms, temperature, topk, seed)
-            audio = tts.decode(frames)
+        started, first = time.perf_counter(), None
+        args = (words, speaker, segments, max_audio_ms, temperature, topk, seed, chunk_ms)
+        if stream or to_stdout:
+            frames, seconds, first = _say_stream(tts, output, codes, args)
+        else:
+            doing = f"encoding {len(segments)} context clip(s) and generating..." if segments else "generating..."
+            with err.status(doing):
+                frames = tts.generate_codes(*args)
+                audio = tts.decode(frames)
+            write_outputs(output, lambda: audio_io.write_audio(output, audio, SAMPLE_RATE), frames, codes)
+            seconds = audio.numel() / SAMPLE_RATE
         wall = time.perf_counter() - started
-        write_outputs(output, audio, frames, codes)
 
-    seconds = audio.numel() / SAMPLE_RATE
     if frames.shape[0] == 0:
         err.print("warning: the model stopped at once: the audio is empty", style="yellow")
-    out.print(
-        f"wrote {output}: {seconds:.2f} s of audio ({frames.shape[0]} frames of {FRAME_MS} ms) in {wall:.2f} s, "
-        f"real-time factor {seconds / wall:.2f}" + (f"; codes in {codes}" if codes else ""),
+    report.print(
+        f"wrote {'a WAV stream to standard output' if to_stdout else output}: {seconds:.2f} s of audio "
+        f"({frames.shape[0]} frames of {FRAME_MS} ms) in {wall:.2f} s, real-time factor {seconds / wall:.2f}"
+        + (f", first audio after {first:.2f} s" if first is not None else "")
+        + (f"; codes in {codes}" if codes else ""),
         markup=False,
     )
 
@@ -253,10 +298,39 @@ def _not_implemented(command: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command(**_STUB)
-def batch() -> None:
-    """Generate many requests from a JSONL file (one JSON object per line), batched on the GPU."""
-    _not_implemented("batch")
+class AudioFormat(str, Enum):
+    wav = "wav"
+    flac = "flac"
+    ogg = "ogg"
+
+
+@app.command()
+def batch(
+    input: Annotated[Path, typer.Argument(
+        metavar="INPUT.jsonl", help="Requests, one JSON object per line ({\"text\": ...} at least).")],
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out-dir", "-o", help="Folder for the outputs and the manifest (default: the input's folder).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Requests generated together (default: what fits in memory).")] = None,
+    format: Annotated[AudioFormat, typer.Option(help="Format of outputs named after their id.")] = AudioFormat.wav,
+    chunk_ms: Annotated[float, typer.Option(
+        "--chunk-ms", help="Text longer than this much speech is split into chunks spoken in turn, in ms.")] = CHUNK_MS,
+    model: Annotated[str, typer.Option(
+        help="Hugging Face id, local checkpoint, 'random' or 'tiny-random'.")] = DEFAULT_MODEL,
+    device: Annotated[Optional[Device], typer.Option(help="Where to run (default: cuda when available).")] = None,
+) -> None:
+    """Generate many requests from a JSONL file with continuous batching; skips outputs that already exist."""
+    from . import batch_cli
+
+    with user_errors():
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        check_chunk_ms(chunk_ms)
+        plan = batch_cli.plan(input, out_dir, format.value)
+        tts = load_model(model, pick_device(device)) if plan.todo else None
+        failed = batch_cli.run(plan, tts, batch_size, chunk_ms, out, err)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command(**_STUB)

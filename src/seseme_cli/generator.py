@@ -16,6 +16,7 @@ import torch
 from .checkpoints import DEFAULT_MODEL, Checkpoint, load_checkpoint
 from .errors import InputError
 from .kernels import has_cuda_kernels
+from .longform import CHUNK_MS, Generation, SpeechJob, Turn
 from .model import CsmModel
 from .tokenizer import segment_tokens
 
@@ -63,19 +64,21 @@ def _random_model(checkpoint: Checkpoint, device: torch.device, dtype: torch.dty
     return model.to(dtype).eval()
 
 
-def stream_until_eos(step, max_frames: int, num_codebooks: int, device: torch.device, chunk_frames: int):
+def stream_until_eos(step, max_frames: int, num_codebooks: int, device: torch.device, chunk_frames: int,
+                     first_chunk_frames: int | None = None):
     """Run `step()` (-> one frame's codes (K,) on `device`) up to `max_frames` times and yield the frames on the
-    CPU in chunks of `chunk_frames`, stopping before the first all-zero frame (the original's EOS, dropped).
+    CPU in chunks of `chunk_frames` (the first one of `first_chunk_frames`, default the same), stopping before
+    the first all-zero frame (the original's EOS, dropped).
 
     Codes are copied to pinned host memory without waiting; the host syncs only once per chunk, so with
     chunks of several frames the GPU runs ahead of the EOS test."""
     pinned = device.type == "cuda"
     host = torch.empty(max_frames, num_codebooks, dtype=torch.long, pin_memory=pinned)
     done = torch.cuda.Event() if pinned else None
-    start = 0
+    start, size = 0, first_chunk_frames or chunk_frames
     for i in range(max_frames):
         host[i].copy_(step(), non_blocking=pinned)
-        if i + 1 - start < chunk_frames and i + 1 < max_frames:
+        if i + 1 - start < size and i + 1 < max_frames:
             continue
         if done is not None:
             done.record()
@@ -87,7 +90,7 @@ def stream_until_eos(step, max_frames: int, num_codebooks: int, device: torch.de
                 yield new[: int(eos[0])].clone()
             return
         yield new.clone()
-        start = i + 1
+        start, size = i + 1, chunk_frames
 
 
 def reference_steps(model: CsmModel, tokens, mask, temperature: float, topk: int, generator=None):
@@ -153,23 +156,35 @@ class CSM:
         tokens[:, -1], mask[:, -1] = ids, True
         return tokens, mask
 
-    def _audio_frames(self, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if audio.dim() != 1 or audio.numel() == 0:
-            raise InputError("context audio must be a non-empty 1-D tensor at the model's sample rate")
-        codes = self.codec.encode(audio.to(self.device, torch.float32)).cpu()  # (K, frames)
-        codes = torch.cat([codes, torch.zeros(codes.shape[0], 1, dtype=codes.dtype)], dim=1)  # + audio EOS frame
-        tokens = torch.zeros(codes.shape[1], self.config.num_codebooks + 1, dtype=torch.long)
+    def _audio_frames(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (frames, K) -> their prompt frames, followed by the all-zero audio EOS frame."""
+        codes = torch.cat([codes.cpu(), torch.zeros(1, codes.shape[1], dtype=torch.long)])
+        tokens = torch.zeros(codes.shape[0], self.config.num_codebooks + 1, dtype=torch.long)
         mask = torch.zeros_like(tokens, dtype=torch.bool)
-        tokens[:, :-1], mask[:, :-1] = codes.T, True
+        tokens[:, :-1], mask[:, :-1] = codes, True
         return tokens, mask
 
+    def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
+        """1-D float audio at `sample_rate` -> Mimi codes (frames, K) int64 on the CPU."""
+        if audio.dim() != 1 or audio.numel() == 0:
+            raise InputError("context audio must be a non-empty 1-D tensor at the model's sample rate")
+        with torch.inference_mode():
+            return self.codec.encode(audio.to(self.device, torch.float32)).cpu().T.contiguous()
+
+    def encode_context(self, context=()) -> list[Turn]:
+        """Context segments as model input: each Segment's audio is Mimi-encoded; Turns pass through as they
+        are. Encode once and pass the Turns to later calls to avoid encoding the same audio again."""
+        return [seg if isinstance(seg, Turn) else Turn(seg.speaker, seg.text, self.encode_audio(seg.audio))
+                for seg in context]
+
     def build_prompt(self, text: str, speaker: int, context=()) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt frames (T, K+1) and their mask for `text` spoken by `speaker` after the context segments."""
+        """Prompt frames (T, K+1) and their mask for `text` spoken by `speaker` after the context turns
+        (Segments, whose audio is encoded here, or already encoded Turns)."""
         if not text or not text.strip():
             raise InputError("the text to speak is empty")
         parts = []
-        for seg in context:
-            parts += [self._text_frames(seg.text, seg.speaker), self._audio_frames(seg.audio)]
+        for turn in self.encode_context(context):
+            parts += [self._text_frames(turn.text, turn.speaker), self._audio_frames(turn.codes)]
         parts.append(self._text_frames(text, speaker))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
@@ -191,7 +206,7 @@ class CSM:
         else:
             self.model.setup_caches(batch_size)
 
-    def _frame_budget(self, prompt_len: int, max_audio_length_ms: float) -> int:
+    def frame_budget(self, prompt_len: int, max_audio_length_ms: float) -> int:
         window = self.config.max_seq_len
         wanted = max(1, int(max_audio_length_ms // FRAME_MS))
         if prompt_len >= window:
@@ -201,6 +216,58 @@ class CSM:
         if prompt_len + wanted > window:
             log.warning("the prompt leaves room for %d frames (%d ms) of audio; generating at most that", window - prompt_len, (window - prompt_len) * FRAME_MS)
         return min(wanted, window - prompt_len)
+
+    def speech_job(self, text: str, speaker: int = 0, context=(), max_audio_length_ms: float = 90_000,
+                   temperature: float = 0.9, topk: int = 50, seed: int | None = None,
+                   chunk_ms: float = CHUNK_MS) -> SpeechJob:
+        """Check the settings, encode the context once, and plan the text's chunks (see longform)."""
+        if topk < 1:
+            raise InputError("topk must be at least 1")
+        if not temperature >= 0:
+            raise InputError("temperature must be >= 0")
+        if not text or not text.strip():
+            raise InputError("the text to speak is empty")
+        seed = secrets.randbits(63) if seed is None else seed
+        return SpeechJob(self, text, speaker, self.encode_context(context), max_audio_length_ms, seed, chunk_ms)
+
+    def _ensure_caches(self) -> None:
+        if self.model.cache_batch_size < 1 or (self.uses_engine and self.engine is None):
+            self.setup_caches(1)
+
+    def generation_codes(self, gen: Generation, temperature: float, topk: int, chunk_frames: int = EOS_CHECK_EVERY,
+                         first_chunk_frames: int | None = None):
+        """One generation: yield its codes in CPU chunks (n, K) int64, stopping before the EOS frame. Runs on
+        the GPU engine (row 0) when it is available, else on the reference model."""
+        self._ensure_caches()
+        with torch.inference_mode():
+            if self.engine is not None:
+                self.engine.set_row(0, gen.tokens, gen.mask, temperature, topk, gen.seed)
+                step = lambda: self.engine.step(1)[0]  # noqa: E731
+            else:
+                generator = torch.Generator(self.device).manual_seed(gen.seed)
+                step = reference_steps(self.model, gen.tokens, gen.mask, temperature, topk, generator)
+
+        def inference_step() -> torch.Tensor:  # per frame: the caller's thread is not in inference mode between chunks
+            with torch.inference_mode():
+                return step()
+
+        yield from stream_until_eos(inference_step, gen.max_frames, self.config.num_codebooks, self.device,
+                                    chunk_frames, first_chunk_frames)
+
+    def job_codes(self, job: SpeechJob, temperature: float, topk: int, chunk_frames: int = EOS_CHECK_EVERY,
+                  first_chunk_frames: int | None = None):
+        """Speak a SpeechJob chunk after chunk, yielding CPU code chunks as they come; `last_codes` holds all
+        of them at the end."""
+        first = first_chunk_frames
+        while (gen := job.next_generation()) is not None:
+            chunks = []
+            for codes in self.generation_codes(gen, temperature, topk, chunk_frames, first):
+                chunks.append(codes)
+                yield codes
+            job.finish(torch.cat(chunks) if chunks else torch.zeros(0, self.config.num_codebooks, dtype=torch.long))
+            first = None
+        job.warn_if_truncated()
+        self.last_codes = job.codes(self.config.num_codebooks)
 
     def stream_codes(
         self,
@@ -212,51 +279,51 @@ class CSM:
         topk: int = 50,
         seed: int | None = None,
         chunk_frames: int = EOS_CHECK_EVERY,
+        first_chunk_frames: int | None = None,
+        chunk_ms: float = CHUNK_MS,
     ):
-        """Yield the generated codes as they come, in CPU chunks of `chunk_frames` frames (n, 32) int64,
-        stopping before the EOS frame. Runs on the GPU engine when it is available, else on the reference."""
-        if topk < 1:
-            raise InputError("topk must be at least 1")
-        if temperature < 0:
-            raise InputError("temperature must be >= 0")
-        tokens, mask = self.build_prompt(text, speaker, context)
-        max_frames = self._frame_budget(tokens.shape[0], max_audio_length_ms)
-        if self.model.cache_batch_size < 1 or (self.uses_engine and self.engine is None):
-            self.setup_caches(1)
-        seed = secrets.randbits(63) if seed is None else seed
-        with torch.inference_mode():
-            if self.engine is not None:
-                self.engine.set_row(0, tokens, mask, temperature, topk, seed)
-                step = lambda: self.engine.step(1)[0]  # noqa: E731
-            else:
-                generator = torch.Generator(self.device).manual_seed(seed)
-                step = reference_steps(self.model, tokens, mask, temperature, topk, generator)
-            yield from stream_until_eos(step, max_frames, self.config.num_codebooks, self.device, chunk_frames)
+        """Yield the generated codes as they come, in CPU chunks of `chunk_frames` frames (n, 32) int64
+        (the first of `first_chunk_frames`), stopping before each EOS frame. A text longer than one chunk of
+        `chunk_ms` is spoken chunk by chunk (see longform); `max_audio_length_ms` limits each generation."""
+        job = self.speech_job(text, speaker, context, max_audio_length_ms, temperature, topk, seed, chunk_ms)
+        yield from self.job_codes(job, temperature, topk, chunk_frames, first_chunk_frames)
 
     def generate_codes(self, text: str, speaker: int = 0, context=(), max_audio_length_ms: float = 90_000,
-                       temperature: float = 0.9, topk: int = 50, seed: int | None = None) -> torch.Tensor:
-        """Generate and return the codes (frames, 32) int64 on the CPU, without the final EOS frame."""
-        chunks = list(self.stream_codes(text, speaker, context, max_audio_length_ms, temperature, topk, seed))
-        self.last_codes = torch.cat(chunks) if chunks else torch.zeros(0, self.config.num_codebooks, dtype=torch.long)
+                       temperature: float = 0.9, topk: int = 50, seed: int | None = None,
+                       chunk_ms: float = CHUNK_MS) -> torch.Tensor:
+        """Generate and return the codes (frames, 32) int64 on the CPU, without EOS frames."""
+        for _ in self.stream_codes(text, speaker, context, max_audio_length_ms, temperature, topk, seed,
+                                   chunk_ms=chunk_ms):
+            pass
         return self.last_codes
 
+    def stream(self, text: str, speaker: int = 0, context=(), max_audio_length_ms: float = 90_000,
+               temperature: float = 0.9, topk: int = 50, seed: int | None = None, chunk_ms: float = CHUNK_MS,
+               first_chunk_frames: int = 1, chunk_frames: int = EOS_CHECK_EVERY):
+        """Speak `text` as a stream: yield 1-D float audio chunks at `sample_rate` as frames are generated
+        (the first after `first_chunk_frames` frames, then every `chunk_frames`). Concatenated, the chunks
+        equal `decode(last_codes)`. Generation runs in a worker thread while this thread decodes, so decoding
+        never holds up the next frames. Long text is spoken chunk by chunk, as in `generate`."""
+        from .streaming import stream_audio
+
+        job = self.speech_job(text, speaker, context, max_audio_length_ms, temperature, topk, seed, chunk_ms)
+        self._ensure_caches()  # here, not in the generation thread: graph capture wants the GPU to itself
+        return stream_audio(self, self.job_codes(job, temperature, topk, chunk_frames, first_chunk_frames))
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (frames, 32) -> 1-D float audio at `sample_rate` on the CPU."""
-        if codes.shape[0] == 0:
-            return torch.zeros(0)
-        # Ids 2048..2050 are CSM's specials, not Mimi codes. Real weights do not sample them inside a frame;
-        # random weights do, so they are decoded as code 0 rather than crashing the codec.
-        special = codes >= self.codec.cardinality
-        if special.any():
-            log.warning("%d sampled ids are special tokens, not codec codes; decoding them as code 0", int(special.sum()))
-            codes = codes.masked_fill(special, 0)
-        with torch.inference_mode():
-            return self.codec.decode(codes.T.to(self.device)).float().cpu().reshape(-1)
+        """Codes (frames, 32) -> 1-D float audio at `sample_rate` on the CPU. Long sequences are decoded in
+        pieces with Mimi's streaming state: the same audio as one piece, in bounded memory."""
+        from .streaming import decode_codes
+
+        return decode_codes(self.codec, codes)
 
     def generate(self, text: str, speaker: int = 0, context=(), max_audio_length_ms: float = 90_000,
-                 temperature: float = 0.9, topk: int = 50, seed: int | None = None) -> torch.Tensor:
-        """Speak `text` as `speaker`; returns 1-D float audio at `sample_rate` (codes in `last_codes`)."""
-        codes = self.generate_codes(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
+                 temperature: float = 0.9, topk: int = 50, seed: int | None = None,
+                 chunk_ms: float = CHUNK_MS) -> torch.Tensor:
+        """Speak `text` as `speaker`; returns 1-D float audio at `sample_rate` (codes in `last_codes`). Text
+        longer than one chunk of `chunk_ms` is split at sentence boundaries and spoken chunk by chunk, each
+        with the previous chunks as context, into one seamless audio (see longform)."""
+        codes = self.generate_codes(text, speaker, context, max_audio_length_ms, temperature, topk, seed, chunk_ms)
         return self.decode(codes)
 
 

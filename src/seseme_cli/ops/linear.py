@@ -7,10 +7,11 @@
     linear(attn, w_o, out=x, residual=x)               # x = x + attn @ w_o.T, in place
     swiglu_linear(h, w_gate_up, out=act)               # act = silu(h @ w_gate.T) * (h @ w_up.T)
 
-Kernels: n = rows of x. n <= 8 takes a CUDA-core GEMV (memory-bound), 8 < n <= 64 a tensor-core skinny GEMM;
-larger n (prefill) and anything the kernels do not take (CPU, k % 8 != 0, unaligned, fp32, autograd) go to the
-reference. `config` (a LinearConfig, a dict of its fields, or None for `default_config`) picks the kernel and
-its launch parameters; the autotuner supplies its own.
+Kernels, for n = rows of x up to 64: a CUDA-core GEMV (n <= 8, memory-bound), a tensor-core skinny GEMM
+(n <= 64), or cuBLAS into `out` (torch.mm / addmm). `config` (a LinearConfig, a dict of its fields, or None
+for `default_config`, which picks per shape from a sweep on an H100) chooses the kernel and its launch
+parameters; the autotuner supplies its own. Larger n (prefill) and anything the kernels do not take (CPU,
+k % 8 != 0, x or weight not 16-byte aligned, fp32, autograd) go to the reference.
 
 Split-K and the workspace: the MMA kernel splits K over blocks when the row tiles alone cannot fill the GPU.
 Its blocks reduce through a caller-given workspace, zero-initialised once (`linear_workspace`); each call
@@ -37,14 +38,16 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 GEMV_MAX_N = 8
 MMA_MAX_N = 64
 MAX_COUNTERS = 8192  # int32 tile counters at the start of a split-K workspace (cuda/linear.cuh)
-KERNELS = ("gemv", "mma")
+KERNELS = ("gemv", "mma", "torch")
 
 
 @dataclass(frozen=True)
 class LinearConfig:
     """Launch parameters of the linear kernels.
 
-    kernel: "gemv" (n <= 8, CUDA cores) or "mma" (n <= 64, tensor cores).
+    kernel: "gemv" (n <= 8, CUDA cores), "mma" (n <= 64, tensor cores) or "torch" (cuBLAS through torch.mm /
+        torch.addmm into `out`, one rounding like ours; no SwiGLU; other fields ignored): cuBLAS is faster
+        than "mma" for plain layers at n > 16 with m a multiple of 64.
     warps: warps per block (1, 2, 4, 8).
     rows: gemv: output rows per warp (1, 2, 4); mma: 16-row weight tiles per warp (1, 2, 4; >= 2 for swiglu;
         rows * padded_n / 8 <= 16, padded_n in 8, 16, 32, 64).
@@ -70,7 +73,7 @@ class LinearConfig:
             raise ValueError(f"linear: config {self} cannot run n={n}, m={m}, k={k}, swiglu={swiglu}: {err}")
 
     def codes(self) -> tuple[int, int, int, int, int, int]:
-        """(kernel, warps, rows, split_k, unroll, stages) as the binding takes them."""
+        """(kernel, warps, rows, split_k, unroll, stages) as the binding takes them (gemv and mma only)."""
         return (KERNELS.index(self.kernel), self.warps, self.rows, self.split_k, self.unroll, self.stages)
 
 
@@ -99,6 +102,8 @@ def _config_error(cfg: LinearConfig, n: int, m: int, k: int, swiglu: bool) -> st
         return "sizes too large for 32-bit indexing"
     if k % 8:
         return "k must be a multiple of 8 for the kernels"
+    if cfg.kernel == "torch":
+        return "the torch (cuBLAS) kernel has no SwiGLU epilogue" if swiglu else None
     if not _pow2_upto(cfg.warps, 8):
         return "warps must be 1, 2, 4 or 8"
     if cfg.kernel == "gemv":
@@ -157,7 +162,8 @@ def default_config(n: int, m: int, k: int, swiglu: bool = False, *, split_ok: bo
     Rules read off a sweep of every config over the model's shapes on an H100 (CUDA graphs, weights streamed
     from HBM): the GEMV wins up to n = 4, and to n = 8 for plain layers with k <= 2048; the MMA kernel wants
     small row tiles (one 16-row tile per warp, 32-64 rows per block) and K split until there are ~2-4 blocks
-    per SM; SwiGLU layers (m = 8192) have enough row tiles without splitting.
+    per SM; SwiGLU layers (m = 8192) have enough row tiles without splitting. cuBLAS matches or beats the MMA kernel
+    on plain layers from n = 17 on (from n = 9 for k <= 2048), except for odd m (2051), where it is slow.
     """
     if n <= 4 or (n <= GEMV_MAX_N and k <= 2048 and not swiglu):
         rows = 1 if n == 1 or (swiglu and n == 2) else 2
@@ -171,6 +177,8 @@ def default_config(n: int, m: int, k: int, swiglu: bool = False, *, split_ok: bo
         while split < 8 and 2 * split <= chunks and row_warps * split < 12 * sms:
             split *= 2
         return LinearConfig("gemv", warps=max(4, split), rows=rows, split_k=split, unroll=unroll, stages=3)
+    if not swiglu and m % 64 == 0 and (n > 16 or k <= 2048):
+        return LinearConfig("torch")
     npad = _mma_npad(min(n, MMA_MAX_N))
     warps = 2 if n <= 16 else 4
     rows = 2 if swiglu else 1
@@ -202,8 +210,13 @@ def linear_workspace_bytes(n: int, m: int, k: int, swiglu: bool = False, config:
     """Bytes of workspace the kernel needs for this problem: for `config`, or for the default config with a
     workspace on `device`. 0 when the config does not split K."""
     cfg = _as_config(config) or default_config(n, m, k, swiglu, sms=_sms(device))
+    return _workspace_bytes(n, m, k, swiglu, cfg)
+
+
+@functools.lru_cache(maxsize=4096)
+def _workspace_bytes(n: int, m: int, k: int, swiglu: bool, cfg: LinearConfig) -> int:
     if cfg.kernel != "mma" or _config_error(cfg, n, m, k, swiglu) is not None:
-        return 0
+        return 0  # gemv and torch need none
     tiles, splits = _mma_grid(m, k, swiglu, cfg)
     if splits <= 1:
         return 0
@@ -267,9 +280,12 @@ def swiglu_linear_ref(x: Tensor, weight_gate_up: Tensor, out: Tensor | None = No
 def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None,
               config: LinearConfig | dict | None, workspace: Tensor | None, swiglu: bool) -> Tensor:
     cfg = _check_args(x, weight, out, residual, config, swiglu)
-    ref = swiglu_linear_ref if swiglu else linear_ref
-    if not _kernel_applies(x, weight, out, residual, workspace):
-        return ref(x, weight, out, residual, cfg) if not swiglu else ref(x, weight, out, cfg)
+    if workspace is not None and (workspace.device != x.device or not workspace.is_contiguous()):
+        raise ValueError(f"linear: workspace must be a contiguous tensor on {x.device}, got one on {workspace.device}")
+    if not _kernel_applies(x, weight, out, residual):
+        if swiglu:
+            return swiglu_linear_ref(x, weight, out, cfg)
+        return linear_ref(x, weight, out, residual, cfg)
     k = x.shape[-1]
     m = weight.shape[0] // (2 if swiglu else 1)
     n = x.numel() // k
@@ -279,11 +295,20 @@ def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | 
         return out
     if cfg is None:
         cfg = default_config(n, m, k, swiglu, split_ok=workspace is not None, sms=_sms(x.device))
-    ws_ptr, ws_bytes = (0, 0) if workspace is None else (workspace.data_ptr(), workspace.numel() * workspace.element_size())
-    need = linear_workspace_bytes(n, m, k, swiglu, cfg)
+    ws_ptr, ws_bytes = (0, 0)
+    if workspace is not None:
+        ws_ptr, ws_bytes = workspace.data_ptr(), workspace.numel() * workspace.element_size()
+    need = _workspace_bytes(n, m, k, swiglu, cfg)
     if need > ws_bytes:
         raise ValueError(f"linear: config {cfg} splits K and needs a zeroed workspace of >= {need} bytes "
                          f"(linear_workspace), got {ws_bytes}")
+    if cfg.kernel == "torch":
+        x2, out2 = x.view(n, k), out.view(n, m)
+        if residual is None:
+            torch.mm(x2, weight.t(), out=out2)
+        else:
+            torch.addmm(residual.view(n, m), x2, weight.t(), out=out2)  # out may be residual: beta = 1 in place
+        return out
     index = x.device.index
     args = (out.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if residual is None else residual.data_ptr(),
             ws_ptr, ws_bytes, n, m, k, swiglu, dtype_code(x.dtype), *cfg.codes(), stream_handle(index))
@@ -331,8 +356,7 @@ def _check_args(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor 
     return cfg
 
 
-def _kernel_applies(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None,
-                    workspace: Tensor | None) -> bool:
+def _kernel_applies(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None) -> bool:
     """Whether the dispatcher launches a kernel (the arguments already checked)."""
     k = x.shape[-1]
     inputs = [t for t in (x, weight, residual) if t is not None]
@@ -344,7 +368,6 @@ def _kernel_applies(x: Tensor, weight: Tensor, out: Tensor | None, residual: Ten
         and all(t.is_contiguous() for t in (*inputs, out) if t is not None)
         and x.data_ptr() % 16 == 0
         and weight.data_ptr() % 16 == 0
-        and (workspace is None or (workspace.is_cuda and workspace.device == x.device and workspace.is_contiguous()))
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))  # the kernels have no backward
         and has_cuda_kernels()
     )

@@ -1,0 +1,153 @@
+"""The `seseme batch` command's steps around generation: plan (read, check, name outputs, skip what exists,
+all before the model loads), then run with a progress bar, and print a summary."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .batch import Manifest, Request, read_requests, plan_outputs, stale_temp_files
+from .batch_run import BatchRun, BatchSettings, Tally
+from .errors import InputError
+from .generator import FRAME_MS
+
+MAX_FAILURES_SHOWN = 20
+
+
+@dataclass
+class Plan:
+    input: Path
+    out_dir: Path
+    manifest_path: Path
+    requests: list[Request]
+    bad: list[Request]  # malformed, or rejected outputs
+    skipped: list[Request]  # output already there
+    todo: list[Request]
+
+
+def _out_dir(input: Path, out_dir: Path | None) -> Path:
+    folder = out_dir if out_dir is not None else input.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the output folder {folder}: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to the output folder {folder}")
+    return folder
+
+
+def plan(input: Path, out_dir: Path | None, fmt: str) -> Plan:
+    if not input.is_file():
+        raise InputError(f"cannot read {input}: {'it is a directory' if input.is_dir() else 'no such file'}")
+    requests = read_requests(input)
+    folder = _out_dir(input, out_dir)
+    plan_outputs(requests, folder, fmt)
+    bad = [r for r in requests if r.error]
+    skipped = [r for r in requests if not r.error and r.output.exists()]
+    todo = [r for r in requests if not r.error and not r.output.exists()]
+    return Plan(input, folder, folder / f"{input.stem}.manifest.jsonl", requests, bad, skipped, todo)
+
+
+def _existing_duration(path: Path) -> float | None:
+    import soundfile as sf
+
+    try:
+        return sf.info(str(path)).duration
+    except Exception:  # an output we cannot read back is still an output; its duration is just unknown
+        return None
+
+
+def _record_before_run(plan: Plan, manifest: Manifest) -> None:
+    for req in plan.bad:
+        manifest.append(req, "failed", error=req.error)
+    for req in plan.skipped:  # e.g. a kill between the rename and the manifest line
+        if manifest.relative(req.output) not in manifest.ok:
+            manifest.append(req, "ok", _existing_duration(req.output))
+    for req in plan.todo:
+        for tmp in stale_temp_files(req.output):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _progress_bar(err_console) -> Progress:
+    return Progress(
+        TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[audio]:.1f} s audio"), TextColumn("{task.fields[fps]:.0f} frames/s"),
+        TextColumn("{task.fields[rtf]:.1f}x real time"), TimeElapsedColumn(),
+        console=err_console, transient=False,
+    )
+
+
+def _generate(plan: Plan, tts, manifest: Manifest, settings: BatchSettings, err_console) -> tuple[Tally, float, int]:
+    with _progress_bar(err_console) as bar:
+        task = bar.add_task("generating", total=len(plan.todo), audio=0.0, fps=0.0, rtf=0.0)
+
+        def progress(tally: Tally, stats) -> None:
+            wall = max(stats.seconds, 1e-9)
+            audio = stats.frames * FRAME_MS / 1000
+            bar.update(task, completed=tally.done, audio=audio, fps=stats.frames / wall, rtf=audio / wall)
+
+        runner = BatchRun(tts, manifest, settings, progress)
+        tally = runner.run(plan.todo)
+        progress(tally, runner.stats)
+    return tally, runner.stats.seconds, runner.stats.frames
+
+
+def _summary(plan: Plan, tally: Tally | None, wall: float, frames: int, out_console) -> None:
+    table = Table(title=f"seseme batch {plan.input}", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    generated = tally.ok if tally else 0
+    failed = len(plan.bad) + (len(tally.failed) if tally else 0)
+    table.add_row("requests", str(len(plan.requests)))
+    table.add_row("generated", str(generated))
+    table.add_row("skipped (output exists)", str(len(plan.skipped)))
+    table.add_row("failed", str(failed), style="bold red" if failed else None)
+    if tally and tally.ok:
+        table.add_row("audio", f"{tally.audio_s:.1f} s")
+        table.add_row("generation time", f"{wall:.1f} s (batch size {tally.batch_size})")
+        table.add_row("frames/s", f"{frames / max(wall, 1e-9):.0f}")
+        table.add_row("real-time factor", f"{frames * FRAME_MS / 1000 / max(wall, 1e-9):.1f}x")
+    table.add_row("outputs", str(plan.out_dir))
+    table.add_row("manifest", str(plan.manifest_path))
+    out_console.print(table)
+
+
+def _failures(plan: Plan, tally: Tally | None, out_console) -> int:
+    failures = [(r, r.error) for r in plan.bad] + (list(tally.failed) if tally else [])
+    if not failures:
+        return 0
+    table = Table(title="failed requests", title_style="bold red")
+    for col in ("line", "id", "error"):
+        table.add_column(col, overflow="fold")
+    for req, error in sorted(failures, key=lambda f: f[0].line)[:MAX_FAILURES_SHOWN]:
+        table.add_row(str(req.line), "" if req.id is None else req.id, error)
+    out_console.print(table)
+    if len(failures) > MAX_FAILURES_SHOWN:
+        out_console.print(f"... and {len(failures) - MAX_FAILURES_SHOWN} more: see {plan.manifest_path}", markup=False)
+    return len(failures)
+
+
+def run(plan: Plan, tts, batch_size: int | None, chunk_ms: float, out_console, err_console) -> int:
+    """Generate the plan's requests; print the summary; return how many requests failed."""
+    manifest = Manifest(plan.manifest_path, plan.out_dir)
+    tally, wall, frames = None, 0.0, 0
+    try:
+        _record_before_run(plan, manifest)
+        if plan.todo:
+            tally, wall, frames = _generate(plan, tts, manifest, BatchSettings(batch_size, chunk_ms), err_console)
+    finally:
+        manifest.close()
+    if tally and tally.truncated:
+        err_console.print(f"warning: {tally.truncated} request(s) had a text chunk cut at the chunk limit "
+                          "before the model ended it", style="yellow", markup=False)
+    if tally and tally.special:
+        err_console.print(f"warning: {tally.special} sampled ids were special tokens, not codec codes; decoded "
+                          "them as code 0", style="yellow", markup=False)
+    _summary(plan, tally, wall, frames, out_console)
+    return _failures(plan, tally, out_console)

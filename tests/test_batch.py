@@ -1,0 +1,275 @@
+"""`seseme batch`: request parsing, output naming and checks, the manifest, continuous batching on the engine's
+rows, and end to end on real files (tiny random model on the CPU; the real-size random model on a GPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+import seseme_cli
+from seseme_cli import cli
+from seseme_cli.batch import Manifest, Request, RequestError, parse_request, plan_outputs, read_requests
+from seseme_cli.engine import Engine
+from seseme_cli.generator import load_csm_1b_optimized
+from seseme_cli.kernels import has_cuda_kernels
+from seseme_cli.longform import max_chunk_chars, split_text
+from seseme_cli.scheduler import Scheduler, Work
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+CONTEXT = SAMPLES / "context" / "espeak_hello.wav"
+PARAGRAPHS = (SAMPLES / "texts" / "paragraphs.txt").read_text()
+FRAME = 1920
+TINY = ["--model", "tiny-random", "--device", "cpu"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's barriers make
+    # them ~10x slower; the suite stays fast with one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_jsonl(path: Path, lines) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def manifest_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- parsing -------------------------------------------------------------------------------------------------
+
+def test_parse_full_request():
+    req = parse_request(3, json.dumps({
+        "id": 7, "text": "  Hello\n there. ", "speaker": 1, "temperature": 0.5, "topk": 10, "max_audio_ms": 800,
+        "seed": 4, "out": "a/b.flac", "context": [{"audio": str(CONTEXT), "text": "Hello there."}]}))
+    assert (req.line, req.id, req.text, req.speaker, req.temperature, req.topk, req.max_audio_ms, req.seed, req.out) == \
+        (3, "7", "Hello there.", 1, 0.5, 10, 800.0, 4, "a/b.flac")
+    assert req.context[0].audio == CONTEXT and req.context[0].speaker == 1  # defaults to the request's speaker
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"text": "hi"', "not valid JSON"),
+    ('["hi"]', "JSON object"),
+    ('{"id": "x"}', 'no "text"'),
+    ('{"text": "   "}', "text is empty"),
+    ('{"text": 5}', "text must be a string"),
+    ('{"text": "hi", "temprature": 1}', "unknown field 'temprature'"),
+    ('{"text": "hi", "speaker": -1}', "speaker must be >= 0"),
+    ('{"text": "hi", "speaker": 1.5}', "speaker must be an integer"),
+    ('{"text": "hi", "topk": 0}', "topk must be >= 1"),
+    ('{"text": "hi", "temperature": -1}', "temperature must be >= 0"),
+    ('{"text": "hi", "temperature": true}', "temperature must be a number"),
+    ('{"text": "hi", "max_audio_ms": 0}', "max_audio_ms must be positive"),
+    ('{"text": "hi", "id": "a/b"}', "cannot be a file name"),
+    ('{"text": "hi", "id": [1]}', "id must be a string or an integer"),
+    ('{"text": "hi", "context": {"audio": "x"}}', "context must be a list"),
+    ('{"text": "hi", "context": [{"text": "x"}]}', "context[0] has no 'audio'"),
+    ('{"text": "hi", "context": [{"audio": "/no/such.wav", "text": "x"}]}', "no such file"),
+])
+def test_malformed_requests_say_why(line, message):
+    with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        parse_request(1, line)
+
+
+def test_read_requests_keeps_line_numbers_and_skips_blank_lines(tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}, "", "nope", {"text": "b"}])
+    reqs = read_requests(path)
+    assert [(r.line, r.text, r.error is None) for r in reqs] == [(1, "a", True), (3, "", False), (4, "b", True)]
+
+
+# --- outputs ---------------------------------------------------------------------------------------------------
+
+def test_output_names_escapes_and_duplicates(tmp_path):
+    reqs = [Request(1, id="a"), Request(2), Request(3, out="sub/x.ogg"), Request(4, out="../x.wav"),
+            Request(5, out="/tmp/x.wav"), Request(6, out="sub/../dup.flac"), Request(7, id="dup"),
+            Request(8, out="x.mp3"), Request(9, out=".")]
+    plan_outputs(reqs, tmp_path, "flac")
+    root = tmp_path.resolve()
+    assert reqs[0].output == root / "a.flac" and reqs[1].output == root / "2.flac"
+    assert reqs[2].output == root / "sub" / "x.ogg"
+    assert "outside the output directory" in reqs[3].error and "relative" in reqs[4].error
+    assert "lines 6, 7 all write dup.flac" in reqs[5].error and reqs[5].error == reqs[6].error
+    assert "unsupported file type" in reqs[7].error and reqs[8].error
+    assert all(r.error is None for r in reqs[:3])
+
+
+def test_manifest_survives_a_line_cut_short(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"output": "a.wav", "status": "ok"}) + '\n{"output": "b.wav", "sta')
+    manifest = Manifest(path, tmp_path)
+    assert manifest.ok == {"a.wav"}
+    req = Request(2, id="c", output=tmp_path.resolve() / "c.wav")
+    manifest.append(req, "ok", 1.5)
+    manifest.close()
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[-1]) == {"line": 2, "id": "c", "output": "c.wav", "duration_s": 1.5, "status": "ok",
+                                     "error": None}
+
+
+# --- continuous batching on the engine ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tts():
+    return load_csm_1b_optimized("tiny-random", device="cpu")
+
+
+def works(tts, specs):
+    return [Work(i, tts.speech_job(text, 0, [], ms, 0.9, 50, seed), 0.9, 50) for i, (text, ms, seed) in enumerate(specs)]
+
+
+def run(tts, specs, batch_size):
+    scheduler = Scheduler(Engine(tts.model, batch_size, use_graphs=False))
+    finished = []
+    scheduler.run(works(tts, specs), lambda w: finished.append((w.key, w.job.codes())), lambda w, e: pytest.fail(str(e)))
+    return finished
+
+
+def test_finished_rows_are_refilled_at_once_and_batching_does_not_change_results(tts):
+    specs = [("A long one.", 1600, 1), ("Short.", 160, 2), ("Short too.", 240, 3), ("And short.", 160, 4)]
+    together = run(tts, specs, batch_size=2)
+    # Requests 1..3 went through row 1 while request 0 was still generating on row 0.
+    assert [key for key, _ in together] == [1, 2, 3, 0]
+    assert [c.shape[0] for _, c in sorted(together, key=lambda kc: kc[0])] == [20, 2, 3, 2]
+    alone = dict(run(tts, specs, batch_size=1))
+    for key, codes in together:  # each row samples with its own seed and counters: same codes as alone
+        assert torch.equal(codes, alone[key])
+
+
+def test_idle_rows_are_parked_before_they_run_out_of_cache(tts):
+    # A long generation on row 2 runs rows 0..3 (bucket 4): rows 0, 1 and 3 sit idle and advance too, so they
+    # must be re-parked before their positions pass the end of the KV cache (made short here).
+    scheduler = Scheduler(Engine(tts.model, 4, use_graphs=False))
+    scheduler.window = 16
+    idle_positions = []
+
+    def watch(stats):
+        idle_positions.extend(scheduler.positions[r] for r in (0, 1, 3))  # row 2: the long one
+
+    specs = [("One.", 80, 1), ("Two.", 80, 2), ("Three is long.", 3200, 3)]
+    done = []
+    scheduler.run(works(tts, specs), lambda w: done.append(w.key), lambda w, e: pytest.fail(str(e)), watch)
+    assert done == [0, 1, 2]
+    assert idle_positions and max(idle_positions) <= 16  # without parking they would reach 40
+
+
+# --- end to end ------------------------------------------------------------------------------------------------
+
+def batch(*args):
+    return runner.invoke(cli.app, ["batch", *map(str, args)])
+
+
+def test_batch_end_to_end_and_rerun(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "junk.wav").write_bytes(b"not audio" * 20)
+    lines = [
+        {"id": "hello", "text": "Hello there.", "max_audio_ms": 400, "seed": 1},
+        {"text": "No id: named by line.", "max_audio_ms": 240, "seed": 2},
+        {"id": "reply", "text": "Nice to meet you.", "max_audio_ms": 320, "seed": 3, "out": "sub/reply.flac",
+         "context": [{"audio": str(CONTEXT), "text": "Hello there. Nice to meet you.", "speaker": 1}]},
+        "this is not json",
+        {"id": "junk", "text": "Bad context.", "context": [{"audio": "junk.wav", "text": "x"}]},
+        {"id": "story", "text": PARAGRAPHS, "max_audio_ms": 160, "seed": 4},
+        {"id": "esc", "text": "x", "out": "../escape.wav"},
+    ]
+    src = write_jsonl(tmp_path / "reqs.jsonl", lines)
+    result = batch(src, "-o", tmp_path / "out", "--batch-size", 2, "--format", "ogg", *TINY)
+    assert result.exit_code == 1, result.output  # some requests failed
+    out = tmp_path / "out"
+    records = {r["line"]: r for r in manifest_records(out / "reqs.manifest.jsonl")}
+    assert {k: r["status"] for k, r in records.items()} == {1: "ok", 2: "ok", 3: "ok", 4: "failed", 5: "failed",
+                                                             6: "ok", 7: "failed"}
+    assert "not valid JSON" in records[4]["error"] and "junk.wav" in records[5]["error"]
+    assert "outside the output directory" in records[7]["error"]
+    for line, name, frames in [(1, "hello.ogg", 5), (2, "2.ogg", 3), (3, "sub/reply.flac", 4)]:
+        assert records[line]["output"] == name and sf.info(out / name).frames == frames * FRAME
+        assert records[line]["duration_s"] == pytest.approx(frames * 0.08)
+    chunks = len(split_text(PARAGRAPHS, max_chunk_chars(10_000)))
+    assert sf.info(out / "story.ogg").frames == 2 * chunks * FRAME  # long-form: every chunk, 2 frames each
+    assert "Traceback" not in result.output and "failed requests" in result.stdout
+    assert not (tmp_path / "escape.wav").exists()
+    assert not [p for p in out.rglob("*") if p.name.endswith(".part")]
+
+    # A rerun skips what exists and generates what is missing.
+    mtime = (out / "hello.ogg").stat().st_mtime_ns
+    (out / "2.ogg").unlink()
+    again = batch(src, "-o", out, "--format", "ogg", *TINY)
+    assert again.exit_code == 1
+    assert (out / "hello.ogg").stat().st_mtime_ns == mtime and (out / "2.ogg").exists()
+    last = manifest_records(out / "reqs.manifest.jsonl")[-1]
+    assert (last["line"], last["status"]) == (2, "ok")
+
+
+def test_all_good_exits_zero_and_defaults_next_to_the_input(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "One.", "max_audio_ms": 160}])
+    result = batch(src, *TINY)
+    assert result.exit_code == 0, result.output
+    assert sf.info(tmp_path / "a.wav").frames == 2 * FRAME
+    assert manifest_records(tmp_path / "in.manifest.jsonl")[0]["status"] == "ok"
+
+
+def test_bad_arguments_are_one_line(tmp_path):
+    assert batch(tmp_path / "missing.jsonl", *TINY).exit_code == 2
+    empty = write_jsonl(tmp_path / "empty.jsonl", [""])
+    result = batch(empty, *TINY)
+    assert result.exit_code == 2 and "no requests" in result.stderr
+    result = batch(write_jsonl(tmp_path / "x.jsonl", [{"text": "a"}]), "--batch-size", 0, *TINY)
+    assert result.exit_code == 2 and result.stderr.count("error:") == 1
+
+
+def test_kill_9_then_rerun_completes_the_rest(tmp_path):
+    lines = [{"id": f"r{i}", "text": f"Request number {i}.", "max_audio_ms": 480, "seed": i} for i in range(12)]
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    source = str(Path(seseme_cli.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "seseme_cli", "batch", str(src), "--batch-size", "2", *TINY]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("r*.wav")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first_run = {p.name for p in tmp_path.glob("r*.wav")}
+    assert 0 < len(first_run) < 12, "the kill should land mid-run"
+    for name in first_run:  # whatever the kill left is whole
+        assert sf.info(tmp_path / name).frames == 6 * FRAME
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert {p.name for p in tmp_path.glob("r*.wav")} == {f"r{i}.wav" for i in range(12)}
+    assert not list(tmp_path.glob(".*.part"))
+    ok = {r["output"] for r in manifest_records(tmp_path / "in.manifest.jsonl") if r["status"] == "ok"}
+    assert ok == {f"r{i}.wav" for i in range(12)}
+
+
+# --- GPU: the real-size random model ----------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not has_cuda_kernels(), reason="needs a GPU and the CUDA kernels")
+def test_batch_real_size_random_gpu(tmp_path):
+    lines = [{"id": f"r{i}", "text": f"Request number {i} is here.", "max_audio_ms": 80 * (4 + i % 7), "seed": i}
+             for i in range(40)] + [{"id": "story", "text": PARAGRAPHS, "max_audio_ms": 800, "seed": 1}]
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    result = batch(src, "--batch-size", 16, "--model", "random", "--device", "cuda")
+    assert result.exit_code == 0, result.output
+    print(result.stdout)
+    for i in range(40):
+        frames = sf.info(tmp_path / f"r{i}.wav").frames
+        assert 0 < frames <= (4 + i % 7) * FRAME and frames % FRAME == 0
+    tts = load_csm_1b_optimized("random", device="cuda")
+    same = sum(sf.info(tmp_path / f"r{i}.wav").frames == FRAME * tts.generate_codes(
+        f"Request number {i} is here.", max_audio_length_ms=80 * (4 + i % 7), seed=i).shape[0] for i in range(8))
+    print(f"{same} of 8 requests have the same length batched (batch 16) as alone (batch 1)")

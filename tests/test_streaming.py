@@ -1,0 +1,262 @@
+"""Streaming: Mimi's streaming decode equals a one-shot decode, the chunk generator, the background thread, and
+`seseme say --stream` to a file and to standard output (real files, real moshi Mimi, tiny random model)."""
+
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from seseme_cli import cli
+from seseme_cli.codec import MimiCodec
+from seseme_cli.errors import InputError
+from seseme_cli.generator import load_csm_1b_optimized
+from seseme_cli.kernels import has_cuda_kernels
+from seseme_cli.longform import Turn
+from seseme_cli.streaming import FileSink, PipeSink, StreamDecoder, decode_codes, pcm16, wav_header
+
+FRAME = 1920
+K = 32
+FAST = ["--model", "tiny-random", "--device", "cpu", "--max-audio-ms", "800", "--seed", "1"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's barriers make
+    # them ~10x slower; the suite stays fast with one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tts():
+    return load_csm_1b_optimized("tiny-random", device="cpu")
+
+
+def codes(frames: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 2048, (frames, K), generator=torch.Generator().manual_seed(seed))
+
+
+def max_jump_at(audio: torch.Tensor, borders: list[int]) -> float:
+    return max(float((audio[b] - audio[b - 1]).abs()) for b in borders)
+
+
+# --- decoding -------------------------------------------------------------------------------------------------
+
+def test_streaming_decode_equals_one_shot_with_uneven_chunks():
+    codec = MimiCodec.random("tiny", seed=3)
+    c = codes(40)
+    full = codec.decode(c.T)
+    sizes, parts, start = [1, 2, 8, 8, 5, 16], [], 0
+    with StreamDecoder(codec) as dec:
+        for n in sizes:
+            parts.append(dec.decode(c[start : start + n]))
+            start += n
+    streamed = torch.cat(parts)
+    assert streamed.shape == full.shape == (40 * FRAME,)
+    assert (streamed - full).abs().max() <= 1e-5 * full.abs().max()
+    # No clicks: the sample steps at chunk borders are those of the one-shot decode.
+    borders = list(np.cumsum([n * FRAME for n in sizes[:-1]]))
+    assert abs(max_jump_at(streamed, borders) - max_jump_at(full, borders)) <= 1e-5 * full.abs().max()
+
+
+def test_long_sequences_decode_piecewise_past_the_transformer_window():
+    codec = MimiCodec.random("tiny", seed=4)
+    c = codes(300, seed=1)  # Mimi's decoder transformer sees 250 frames: the pieces must carry its state
+    full = codec.decode(c.T)
+    piecewise = decode_codes(codec, c, piece_frames=70)
+    assert (piecewise - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def test_special_ids_decode_as_zero():
+    codec = MimiCodec.random("tiny", seed=5)
+    c = codes(4)
+    special = c.clone()
+    special[1, 3] = 2050
+    zeroed = c.clone()
+    zeroed[1, 3] = 0
+    torch.testing.assert_close(decode_codes(codec, special), codec.decode(zeroed.T))
+
+
+# --- tts.stream ---------------------------------------------------------------------------------------------
+
+def test_stream_chunks_small_first_then_regular_and_equal_generate(tts):
+    chunks = list(tts.stream("Hello there.", max_audio_length_ms=1600, seed=7, chunk_frames=8))
+    assert [len(c) // FRAME for c in chunks] == [1, 8, 8, 3]  # 20 frames: random weights never stop
+    assert all(c.dtype == torch.float32 and c.dim() == 1 for c in chunks)
+    streamed, codes_ = torch.cat(chunks), tts.last_codes
+    assert torch.equal(tts.generate_codes("Hello there.", max_audio_length_ms=1600, seed=7), codes_)
+    full = tts.decode(codes_)
+    assert (streamed - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def test_stream_generation_from_a_prebuilt_prompt(tts):
+    # What `seseme bench` times for time to first audio: an exact prompt, the first chunk one frame.
+    from seseme_cli.longform import Generation
+    from seseme_cli.streaming import stream_generation
+
+    tokens, mask = tts.build_prompt("Hello there.", 0)
+    chunks = list(stream_generation(tts, Generation(tokens, mask, max_frames=10, seed=3), chunk_frames=4))
+    assert [len(c) // FRAME for c in chunks] == [1, 4, 4, 1]
+    codes_ = tts.generate_codes("Hello there.", max_audio_length_ms=800, seed=3)
+    torch.testing.assert_close(torch.cat(chunks), tts.decode(codes_), rtol=0, atol=1e-5)
+
+
+def test_the_caller_is_not_left_in_inference_mode_between_chunks(tts):
+    for chunks in (tts.stream("Hi.", max_audio_length_ms=800, seed=1, chunk_frames=2),
+                   tts.stream_codes("Hi.", max_audio_length_ms=800, seed=1, chunk_frames=2)):
+        for _ in chunks:
+            assert not torch.is_inference_mode_enabled()
+            x = torch.ones(2, requires_grad=True)
+            (x * 2).sum().backward()  # autograd works between chunks
+            assert torch.equal(x.grad, torch.full((2,), 2.0))
+
+
+def test_closing_a_stream_early_stops_the_generation_thread(tts):
+    stream = tts.stream("Hello there.", max_audio_length_ms=8000, seed=1)
+    next(stream)
+    assert any(t.name == "seseme-generate" for t in threading.enumerate())
+    stream.close()
+    assert not any(t.name == "seseme-generate" for t in threading.enumerate())
+    assert not tts.codec.model.is_streaming  # Mimi left streaming mode: the codec works normally again
+    tts.generate("Hi.", max_audio_length_ms=160, seed=1)
+
+
+def test_errors_in_the_generation_thread_reach_the_caller(tts):
+    huge = Turn(1, "Too long.", codes(2100))  # more frames than the context window
+    stream = tts.stream("Hello.", context=[huge], seed=1)
+    with pytest.raises(InputError, match="context window"):
+        next(stream)
+    assert not tts.codec.model.is_streaming
+
+
+def test_decoding_overlaps_generation(tts, monkeypatch):
+    # While this thread decodes a chunk (made slow here), the worker goes on generating the next ones.
+    import seseme_cli.streaming as streaming
+
+    produced, decoded = [], []
+    generation_codes, decode = tts.generation_codes, streaming.StreamDecoder.decode
+
+    def timed_generation(*args, **kwargs):
+        for chunk in generation_codes(*args, **kwargs):
+            produced.append(time.perf_counter())
+            yield chunk
+
+    def slow_decode(self, c):
+        time.sleep(0.5)
+        decoded.append(time.perf_counter())
+        return decode(self, c)
+
+    monkeypatch.setattr(tts, "generation_codes", timed_generation)
+    monkeypatch.setattr(streaming.StreamDecoder, "decode", slow_decode)
+    chunks = list(tts.stream("Hello there.", max_audio_length_ms=640, seed=1, chunk_frames=2))
+    assert [len(c) // FRAME for c in chunks] == [1, 2, 2, 2, 1]
+    assert sum(t < decoded[0] for t in produced) >= 2  # chunk 2 was generated while chunk 1 was decoded
+
+
+# --- sinks ---------------------------------------------------------------------------------------------------
+
+def test_pipe_sink_writes_an_unknown_length_wav(tmp_path):
+    path = tmp_path / "pipe.bin"
+    audio = [torch.rand(FRAME) - 0.5, torch.rand(3 * FRAME) * 4 - 2]  # the second one clips
+    with open(path, "wb") as f:
+        sink = PipeSink(f, 24000)
+        for a in audio:
+            sink.write(a)
+    data = path.read_bytes()
+    assert data[:4] == b"RIFF" and data[8:16] == b"WAVEfmt " and data[36:40] == b"data"
+    assert struct.unpack("<I", data[4:8])[0] == 0xFFFFFFFF and struct.unpack("<I", data[40:44])[0] == 0xFFFFFFFF
+    assert struct.unpack("<HHIIHH", data[20:36]) == (1, 1, 24000, 48000, 2, 16)
+    assert data[44:] == pcm16(torch.cat(audio))
+    pcm = np.frombuffer(data[44:], dtype="<i2")
+    assert pcm.max() == 32767 and pcm.min() == -32767
+    # With the real sizes filled in, the same bytes are a valid file for any reader.
+    fixed = tmp_path / "fixed.wav"
+    fixed.write_bytes(wav_header(24000, len(data) - 44) + data[44:])
+    read, rate = sf.read(fixed, dtype="int16")
+    assert rate == 24000 and np.array_equal(read, pcm)
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac", ".ogg"])
+def test_file_sink_is_atomic(tmp_path, suffix):
+    out = tmp_path / f"out{suffix}"
+    sink = FileSink(out, 24000)
+    sink.write(torch.zeros(FRAME))
+    assert not out.exists() and len(list(tmp_path.iterdir())) == 1  # only the temp file, growing
+    sink.write(torch.zeros(2 * FRAME))
+    sink.commit()
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    assert sf.info(out).frames == 3 * FRAME
+    sink = FileSink(tmp_path / f"other{suffix}", 24000)
+    sink.write(torch.zeros(FRAME))
+    sink.abort()
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+# --- seseme say --stream ------------------------------------------------------------------------------------
+
+def say(*args):
+    return runner.invoke(cli.app, ["say", *map(str, args)])
+
+
+def test_say_stream_to_file_equals_say(tmp_path):
+    a, b = tmp_path / "stream.wav", tmp_path / "whole.wav"
+    result = say("Hello there.", "-o", a, "--stream", "--codes", tmp_path / "a.npy", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "first audio after" in result.stdout
+    assert say("Hello there.", "-o", b, "--codes", tmp_path / "b.npy", *FAST).exit_code == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    streamed, rate = sf.read(a, dtype="int16")
+    whole, _ = sf.read(b, dtype="int16")
+    assert rate == 24000 and streamed.shape == whole.shape == (np.load(tmp_path / "a.npy").shape[0] * FRAME,)
+    assert np.abs(streamed.astype(int) - whole).max() <= 1  # decoded in chunks vs at once: 16-bit rounding
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy", "stream.wav", "whole.wav"]
+
+
+def test_say_to_stdout_streams_a_wav(tmp_path):
+    result = say("Hello there.", "-o", "-", "--codes", tmp_path / "c.npy", *FAST)
+    assert result.exit_code == 0, result.stderr
+    data = result.stdout_bytes
+    frames = np.load(tmp_path / "c.npy").shape[0]
+    assert data[:4] == b"RIFF" and struct.unpack("<I", data[40:44])[0] == 0xFFFFFFFF
+    assert len(data) == 44 + 2 * frames * FRAME  # the audio and nothing else on standard output
+    assert "wrote a WAV stream to standard output" in result.stderr
+
+
+def test_say_stream_bad_output_fails_cleanly(tmp_path):
+    result = say("Hello there.", "-o", tmp_path / "missing" / "out.wav", "--stream", *FAST)
+    assert result.exit_code == 2 and result.stderr.count("error:") == 1
+    result = say("a" * 2100, "-o", tmp_path / "out.wav", "--stream", *FAST)  # fails in the generation thread
+    assert result.exit_code == 2 and "context window" in result.stderr and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []  # no output, no temp file
+
+
+# --- GPU ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not has_cuda_kernels(), reason="needs a GPU and the CUDA kernels")
+def test_stream_on_gpu_equals_generate_and_starts_fast():
+    big = load_csm_1b_optimized("random", device="cuda")
+    big.setup_caches(1)
+    list(big.stream("Warm up.", max_audio_length_ms=400, seed=0))
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    stream = big.stream("The quick brown fox jumps over the lazy dog.", max_audio_length_ms=4000, seed=3)
+    first = next(stream)
+    ttfa = time.perf_counter() - started
+    chunks = [first, *stream]
+    assert len(first) == FRAME
+    codes_ = big.last_codes
+    assert torch.equal(big.generate_codes("The quick brown fox jumps over the lazy dog.", max_audio_length_ms=4000,
+                                          seed=3), codes_)
+    full, streamed = big.decode(codes_), torch.cat(chunks)
+    print(f"time to first audio {ttfa * 1000:.1f} ms; streamed vs one-shot max diff "
+          f"{(streamed - full).abs().max():.2e} of {full.abs().max():.2e}")
+    assert (streamed - full).abs().max() <= 1e-3 * full.abs().max()
