@@ -6,8 +6,8 @@
 // query heads that share them (4 in both CSM stacks). Within a block, a "lane group" of head_dim / 8 lanes
 // (rounded up to a power of two) covers one key: each lane holds one 16-byte slice of K and V, so a warp
 // covers 32 / (head_dim / 8) consecutive keys per load. Every loop iteration a lane group loads
-// keys_per_iter keys and values (all loads issued before any use), reduces the q.k slices with shuffles
-// inside the group, and folds the scores into its own online softmax (running max m, sum l, accumulator
+// keys_per_iter keys and values (issued together in the PTX; see load_stream), reduces the q.k slices with
+// shuffles inside the group, and folds the scores into its own online softmax (running max m, sum l, accumulator
 // over its 8 dims, in fp32 and base 2: q is prescaled by scale * log2(e)). Groups never synchronise in the
 // loop; at the end their states merge by shuffles across groups of a warp, then across warps in shared
 // memory, one query head at a time.
@@ -17,8 +17,11 @@
 // num_splits equal chunks (rounded up to one block-iteration), so short rows use few splits. A split with
 // no keys writes the empty partial (m = -inf, l = 0) and nothing else; the combine kernel skips those.
 // Partials hold the normalised output plus (m, l), so the combine is out = sum_s w_s o_s / sum_s w_s with
-// w_s = l_s 2^(m_s - max m). Slots at or beyond lengths[n] are never loaded (masked lanes load zeros), so
-// whatever they hold cannot reach the result.
+// w_s = l_s 2^(m_s - max m). Slots at or beyond lengths[n] are never loaded (a lane past the end of its range
+// re-reads the range's last key and gets score -inf), so whatever they hold cannot reach the result.
+//
+// Registers (sm_90, ptxas 13.0): 122-196 for CSM's shapes (4 heads per block, keys_per_iter 1-8), no spills
+// in any instantiation; keys_per_iter * heads per block > 32 is rejected (it would spill).
 #include "attention.cuh"
 
 #include <cuda_bf16.h>
@@ -287,7 +290,7 @@ __global__ void __launch_bounds__(kAttnMaxThreads, 1) decode_attention_kernel(co
         for (int d = threadIdx.x; d < a.head_dim; d += blockDim.x) {
             float o = 0.f;
             for (int w = 0; w < warps; w++) o += smem[w * kStride + 2 + d] * fast_exp2(smem[w * kStride] - b);
-            o = lsum > 0.f ? o / lsum : 0.f;
+            o = lsum != 0.f ? o / lsum : 0.f;  // 0 only with no keys; a NaN from the data stays NaN
             if (num_splits == 1) {
                 static_cast<T*>(a.out)[item * a.head_dim + d] = from_f32<T>(o);
             } else {
@@ -317,7 +320,7 @@ __global__ void attention_combine_kernel(T* __restrict__ out, const float* __res
     float lsum = 0.f, o[4] = {0.f, 0.f, 0.f, 0.f};
     for (int s = 0; s < num_splits; s++) {
         const float2 ml = *reinterpret_cast<const float2*>(ws_ml + 2 * (s * items + item));
-        if (ml.y > 0.f) {  // l > 0 implies a finite m, so mx is finite here
+        if (ml.y != 0.f) {  // skips empty splits (l = 0, m = -inf); a NaN partial stays in, as NaN
             const float w = ml.y * fast_exp2(ml.x - mx);
             const float4 v = *reinterpret_cast<const float4*>(ws_o + (s * items + item) * head_dim + c);
             lsum += w;
@@ -329,7 +332,7 @@ __global__ void attention_combine_kernel(T* __restrict__ out, const float* __res
     }
     Pack<T, 4> r;
 #pragma unroll
-    for (int e = 0; e < 4; e++) r.v[e] = from_f32<T>(lsum > 0.f ? o[e] / lsum : 0.f);
+    for (int e = 0; e < 4; e++) r.v[e] = from_f32<T>(lsum != 0.f ? o[e] / lsum : 0.f);
     *reinterpret_cast<Pack<T, 4>*>(out + item * head_dim + c) = r;
 }
 
@@ -418,7 +421,8 @@ const char* launch_decode_attention(void* out, const void* q, const void* k_cach
     if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0) return "decode_attention: heads % kv_heads != 0";
     if (head_dim < 8 || head_dim % 8 != 0 || head_dim > kAttnMaxHeadDim)
         return "decode_attention: head_dim must be a multiple of 8 in [8, 256]";
-    if (cache_batch < 1 || cache_len < 1 || cache_len > (1 << 24)) return "decode_attention: cache_len must be in [1, 2^24]";
+    if (cache_batch < 1 || cache_len < 1 || cache_len > (1 << 24))
+        return "decode_attention: cache_len must be in [1, 2^24]";
     if (cache_len * kv_heads * head_dim > 0x7fffffff) return "decode_attention: a cache row must have < 2^31 elements";
     if (num_splits < 1 || num_splits > kAttnMaxSplits) return "decode_attention: num_splits must be in [1, 64]";
     if (threads % 32 != 0 || threads < 32 || threads > kAttnMaxThreads)

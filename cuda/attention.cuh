@@ -29,7 +29,8 @@ inline int64_t attention_workspace_floats(int64_t rows, int64_t heads, int64_t h
 // in fp32, rounded once to `dtype`; a row with L == 0 gets zeros. Slots j >= L are never read.
 // q and out (rows, heads, head_dim), caches (cache_batch, cache_len, kv_heads, head_dim), all contiguous in
 // `dtype` (bf16 or fp16) and 16-byte aligned; head_dim % 8 == 0, head_dim <= kAttnMaxHeadDim;
-// heads % kv_heads == 0; cache_len <= 2^24 and cache_len * kv_heads * head_dim < 2^31. cache_rows and lengths (rows,) int64, or int32 where the flags say.
+// heads % kv_heads == 0; cache_len <= 2^24 and cache_len * kv_heads * head_dim < 2^31. cache_rows and
+// lengths (rows,) int64, or int32 where the flags say.
 // num_splits in [1, kAttnMaxSplits]: with 1 the blocks write out directly and workspace may be null; with
 // more, each (row, KV head) is split over num_splits blocks whose key ranges are set on the device from
 // lengths[n], and a second kernel combines their partials from `workspace` (16-byte aligned, at least

@@ -95,7 +95,7 @@ def gpu_models():
 
 
 def rel_err(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
 
 
 @cuda
@@ -120,7 +120,7 @@ def test_engine_greedy_first_frames_equal_reference_gpu(gpu_models):
     ref.setup_caches(1)
     expected = generate_frames(ref, tokens, mask, 3, temperature=0.0, topk=1)
     engine.set_row(0, tokens, mask, 0.0, 1, 0)
-    got = torch.stack([engine.step(1)[0].clone() for _ in range(3)])
+    got = torch.stack([engine.step(1)[0].clone() for _ in range(3)]).cpu()
     agree = (got == expected).float().mean().item()
     print(f"greedy codes equal to the reference: first frame {torch.equal(got[0], expected[0])}, {agree:.1%} of 3 frames")
     got = got.cpu()

@@ -188,7 +188,7 @@ def test_refs_match_model_attention(monkeypatch, T):
         xa = seen["x"]
         qkv = torch.cat((attn.q_proj(xa), attn.k_proj(xa), attn.v_proj(xa)), dim=-1).reshape(B * T, -1)
 
-    H, Hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    H, hd = cfg.num_heads, cfg.head_dim
     n = B * T
     rows = cache_rows.repeat_interleave(T)
     pos = positions.reshape(-1)
@@ -516,6 +516,24 @@ def test_attention_kernel_empty_and_clamped_rows(num_splits, lengths_dtype):
     ref = decode_attention_ref(q[ok], k_cache, v_cache, rows[ok], lengths[ok], torch.empty_like(q[ok]))
     gold = attention_gold(q[ok], k_cache, v_cache, rows[ok], lengths[ok])
     assert max_err(out[ok], gold) <= 2 * max_err(ref, gold) + 1e-5 * v_cache.double().abs().max().item()
+
+
+@pytest.mark.cuda
+@needs_kernels
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_attention_kernel_propagates_nan_in_read_slots(num_splits):
+    # A NaN the row does read (slot < length) poisons the heads of that KV head, as in the reference.
+    N, H, Hkv, hd, S = 3, 8, 2, 64, 500
+    q, k_cache, v_cache, rows, lengths = attention_case(N, H, Hkv, hd, S, torch.bfloat16, seed=13)
+    rows = torch.tensor([0, 1, 1], device="cuda", dtype=torch.int32)
+    lengths = torch.tensor([400, 300, 450], device="cuda", dtype=torch.int32)
+    k_cache, v_cache = torch.nan_to_num(k_cache), torch.nan_to_num(v_cache)
+    k_cache[1, 350, 1, 5] = float("nan")  # read by row 2 only (row 1 stops at 300), KV head 1 = heads 4..7
+    out = torch.empty_like(q)
+    decode_attention(q, k_cache, v_cache, rows, lengths, out, num_splits=num_splits)
+    ref = decode_attention_ref(q, k_cache, v_cache, rows, lengths, torch.empty_like(q))
+    assert torch.isnan(out[2, 4:]).all() and torch.isnan(ref[2, 4:]).all()
+    assert torch.isfinite(out[:2]).all() and torch.isfinite(out[2, :4]).all()
 
 
 @pytest.mark.cuda

@@ -5,6 +5,7 @@ device-to-device copy measured in the same run.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -128,6 +129,8 @@ def bench_engine(tts: CSM, batch: int, frames: int, warmup: int = 10, seed: int 
 def bench_reference(tts: CSM, frames: int, seed: int = 0) -> Result:
     """The in-tree eager reference (plain PyTorch, what runs without the kernels), batch 1."""
     tokens, mask = bench_prompt(tts)
+    if tts.model.cache_batch_size < 1:
+        tts.model.setup_caches(1)
     g = torch.Generator(tts.device).manual_seed(seed)
     generate_frames(tts.model, tokens, mask, 2, 0.9, 50, g)  # warm-up
     torch.cuda.synchronize()
@@ -159,12 +162,15 @@ def transformers_config(cfg):
 
     def stack(t):
         s = t.rope_scaling
+        # The same frequencies written with original_max_position_embeddings below max_position_embeddings,
+        # as transformers wants: dividing it and both factors by c leaves every threshold and the smoothing as is.
+        c = max(1.0, s.original_max_position_embeddings / 2 ** math.floor(math.log2(t.max_seq_len / 2)))
         return dict(hidden_size=t.dim, intermediate_size=t.ffn_dim, num_hidden_layers=t.num_layers,
                     num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
                     max_position_embeddings=t.max_seq_len, rms_norm_eps=t.norm_eps, rope_theta=t.rope_theta,
-                    rope_scaling={"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                                  "high_freq_factor": s.high_freq_factor,
-                                  "original_max_position_embeddings": s.original_max_position_embeddings})
+                    rope_scaling={"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor / c,
+                                  "high_freq_factor": s.high_freq_factor / c,
+                                  "original_max_position_embeddings": int(s.original_max_position_embeddings / c)})
 
     depth = dict(stack(cfg.depth), num_codebooks=cfg.num_codebooks, backbone_hidden_size=cfg.backbone.dim,
                  vocab_size=cfg.audio_vocab_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..config import CsmConfig, TransformerConfig
-from ..ops.attention import attention_workspace, decode_attention, rope_append
+from ..ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append
 from ..ops.embedding import embed_codes
 from ..ops.linear import linear, linear_workspace_bytes, swiglu_linear
 from ..ops.rmsnorm import rms_norm
@@ -33,7 +33,7 @@ class StackBuffers:
         self.q = new(rows, cfg.num_heads, cfg.head_dim)
         self.attn = new(rows, cfg.num_heads, cfg.head_dim)
         self.act = new(rows, cfg.ffn_dim)
-        self.workspace = attention_workspace(rows, cfg.num_heads, cfg.head_dim, cfg.max_seq_len, device)
+        self.workspace = attention_workspace(rows, cfg.num_heads, cfg.head_dim, max_num_splits(cfg.max_seq_len), device)
 
 
 class FrameBuffers:

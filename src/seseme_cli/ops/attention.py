@@ -209,8 +209,9 @@ def decode_attention(
     autotuner; None = defaults. The reference path checks and ignores all three.
 
     The kernel runs for contiguous, 16-byte aligned bf16/fp16 CUDA tensors with hd % 8 == 0, hd <= 256,
-    N <= 65535, S <= 2^24 and S * Hkv * hd < 2^31, outside autograd; anything else goes to `decode_attention_ref` (same result up to fp32
-    summation order; the reference raises on an out-of-range cache row, which the kernel treats as L = 0).
+    N <= 65535, S <= 2^24 and S * Hkv * hd < 2^31, outside autograd; anything else goes to
+    `decode_attention_ref` (same result up to fp32 summation order; the reference raises on an out-of-range
+    cache row, which the kernel treats as L = 0).
     """
     scale = _check_attention_args(q, k_cache, v_cache, cache_rows, lengths, out, scale, workspace, num_splits,
                                   threads, keys_per_iter)
