@@ -57,10 +57,8 @@ class FrameBuffers:
 
         self.backbone = StackBuffers(cfg.backbone, B, device, dtype)
         self.depth = StackBuffers(cfg.depth, 2 * B, device, dtype)  # depth step 0 has two tokens per row
-        self.depth_in = new(2 * B, cfg.backbone.dim)
         self.logits = new(B, V)
         self.codes = new(K, B, dt=torch.long)  # codebook-major: each draw writes one contiguous row
-        self.gather_index = new(B, dt=torch.long)
         self.frame_codes = new(B, K, dt=torch.long)  # the finished frame, row-major
         # One zeroed split-K workspace serves every linear call (each call leaves it zeroed again).
         need = max(linear_workspace_bytes(n, m, k, swiglu, device=device) for n, m, k, swiglu in linear_shapes(cfg, B))
@@ -78,7 +76,6 @@ def linear_shapes(cfg: CsmConfig, max_batch: int):
             yield n, t.dim, t.ffn_dim, False
         yield b, V, bb.dim, False
         yield b, V, dd.dim, False
-        yield 2 * b, dd.dim, bb.dim, False
         yield b, dd.dim, bb.dim, False
 
 
@@ -128,7 +125,7 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     """Generate one frame for rows 0..b-1 into buf.frame_codes[:b] and advance their state by one frame."""
     K, V = buf.codes.shape[0], buf.logits.shape[1]
     temperature, topk, seeds, counters = buf.temperature[:b], buf.topk[:b], buf.seeds[:b], buf.counters[:b]
-    codes, logits, index = buf.codes[:, :b], buf.logits[:b], buf.gather_index[:b]
+    codes, logits = buf.codes[:, :b], buf.logits[:b]
     ws = buf.linear_workspace
 
     # Backbone: one position per row, then codebook 0.
@@ -140,10 +137,9 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
         teacher(0, logits, codes[0])
 
     # Depth decoder step 0: [backbone state, embedding of codebook 0] at positions 0 and 1.
-    depth_in = buf.depth_in[: 2 * b]
-    depth_in[:b].copy_(hidden)
-    torch.index_select(w.depth_audio_embed, 0, codes[0], out=depth_in[b:])
-    linear(depth_in, w.projection, out=buf.depth.h[: 2 * b], workspace=ws)
+    # A code's projected embedding is one row of w.projected_embed (projection folded into the table).
+    linear(hidden, w.projection, out=buf.depth.h[:b], workspace=ws)
+    embed_codes(codes[0].view(b, 1), w.projected_embed[:V], buf.depth.h[b : 2 * b], V)
     out = run_stack(w.depth, buf.depth, 2 * b, sched.first_positions, sched.first_lengths, sched.first_rows, ws)
     linear(out[b:], w.audio_heads[0], out=logits, workspace=ws)
     sample_topk_philox(logits, temperature, topk, seeds, counters, 1, codes[1])
@@ -152,9 +148,7 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
 
     # Depth steps 2..K-1: the previous codebook's embedding at position i.
     for i in range(2, K):
-        torch.add(codes[i - 1], (i - 1) * V, out=index)
-        torch.index_select(w.depth_audio_embed, 0, index, out=depth_in[:b])
-        linear(depth_in[:b], w.projection, out=buf.depth.h[:b], workspace=ws)
+        embed_codes(codes[i - 1].view(b, 1), w.projected_embed[(i - 1) * V : i * V], buf.depth.h[:b], V)
         out = run_stack(w.depth, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows, ws)
         linear(out, w.audio_heads[i - 1], out=logits, workspace=ws)
         sample_topk_philox(logits, temperature, topk, seeds, counters, i, codes[i])

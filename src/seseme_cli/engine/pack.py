@@ -44,6 +44,7 @@ class EngineWeights:
     audio_heads: torch.Tensor  # (K-1, vocab, depth dim)
     audio_embed: torch.Tensor  # (K * vocab, dim)
     depth_audio_embed: torch.Tensor  # (K * vocab, dim)
+    projected_embed: torch.Tensor  # (K * vocab, depth dim) = projection(depth_audio_embed), one row per code
 
 
 def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
@@ -76,6 +77,15 @@ def _pack_stack(stack: Transformer) -> StackWeights:
     return StackWeights(layers, stack.norm.weight.detach(), stack.inv_freq.float(), stack.cfg.norm_eps)
 
 
+def project_table(table: torch.Tensor, projection: torch.Tensor, rows_per_chunk: int = 8192) -> torch.Tensor:
+    """projection(table) row by row, rounded once like the projection of one embedded code: the depth decoder's
+    input for a code becomes one row read instead of an embedding read plus a GEMV over the projection."""
+    out = torch.empty(table.shape[0], projection.shape[0], device=table.device, dtype=table.dtype)
+    for start in range(0, table.shape[0], rows_per_chunk):
+        torch.nn.functional.linear(table[start : start + rows_per_chunk], projection, out=out[start : start + rows_per_chunk])
+    return out
+
+
 def pack(model: CsmModel) -> EngineWeights:
     """Fuse the model's weights in place (its parameters become views) and return the engine's view of them."""
     with torch.no_grad():
@@ -89,4 +99,5 @@ def pack(model: CsmModel) -> EngineWeights:
             audio_heads=heads,
             audio_embed=model.audio_embed.weight.detach(),
             depth_audio_embed=model.depth_audio_embed.weight.detach(),
+            projected_embed=project_table(model.depth_audio_embed.weight.detach(), model.projection.weight.detach()),
         )
