@@ -101,13 +101,16 @@ def reference_steps(model: CsmModel, tokens, mask, temperature: float, topk: int
         "tokens": tokens.unsqueeze(0).to(device),
         "mask": mask.unsqueeze(0).to(device),
         "positions": torch.arange(tokens.shape[0], device=device).unsqueeze(0),
+        "kv_len": tokens.shape[0],  # the host knows how far the cache is filled: attend over just that
     }
     frame_mask = torch.zeros(1, 1, K + 1, dtype=torch.bool, device=device)
     frame_mask[..., :K] = True
     text_column = torch.zeros(1, 1, dtype=torch.long, device=device)
 
     def step() -> torch.Tensor:
-        codes = model.generate_frame(state["tokens"], state["mask"], state["positions"], temperature, topk, generator)
+        codes = model.generate_frame(state["tokens"], state["mask"], state["positions"], temperature, topk, generator,
+                                     kv_len=state["kv_len"])
+        state["kv_len"] += 1
         state["tokens"] = torch.cat([codes, text_column], dim=1).unsqueeze(1)
         state["mask"] = frame_mask
         state["positions"] = state["positions"][:, -1:] + 1

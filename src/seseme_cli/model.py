@@ -69,8 +69,8 @@ class Attention(nn.Module):
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
 
     def forward(self, x, cos, sin, positions, mask, cache_rows):
-        """x (B, T, dim); cos/sin (B, T, head_dim); positions (B, T); mask (B, 1, T, max_seq_len) bool;
-        cache_rows (B,): the cache row each batch row reads and writes."""
+        """x (B, T, dim); cos/sin (B, T, head_dim); positions (B, T); mask (B, 1, T, S) bool over the first S
+        cache slots (S <= max_seq_len); cache_rows (B,): the cache row each batch row reads and writes."""
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, self.cfg.num_heads, hd)
@@ -85,8 +85,9 @@ class Attention(nn.Module):
         self.v_cache[rows, positions] = v
         # (B, heads, S, hd); KV head h serves query heads h*rep .. h*rep+rep-1, as in transformers' repeat_kv.
         rep = self.cfg.num_heads // self.cfg.num_kv_heads
-        keys = self.k_cache[cache_rows].transpose(1, 2).repeat_interleave(rep, dim=1)
-        values = self.v_cache[cache_rows].transpose(1, 2).repeat_interleave(rep, dim=1)
+        S = mask.shape[-1]
+        keys = self.k_cache[cache_rows, :S].transpose(1, 2).repeat_interleave(rep, dim=1)
+        values = self.v_cache[cache_rows, :S].transpose(1, 2).repeat_interleave(rep, dim=1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -134,15 +135,17 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attn.setup_cache(batch_size, device, dtype)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor | None = None,
+                kv_len: int | None = None) -> torch.Tensor:
         """x (B, T, dim), positions (B, T) int64 -> (B, T, dim). Batch row b uses cache row cache_rows[b]
-        (default b)."""
+        (default b). kv_len: attend over only the first kv_len cache slots (all positions must be below it);
+        a prefill that knows its length saves reading the whole window."""
         if cache_rows is None:
             cache_rows = torch.arange(x.shape[0], device=x.device)
         angles = positions.unsqueeze(-1).float() * self.inv_freq.float()  # fp32, like transformers
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        slots = torch.arange(self.cfg.max_seq_len, device=x.device)
+        slots = torch.arange(kv_len or self.cfg.max_seq_len, device=x.device)
         mask = (slots <= positions.unsqueeze(-1)).unsqueeze(1)
         for layer in self.layers:
             x = layer(x, cos, sin, positions, mask, cache_rows)
@@ -193,9 +196,9 @@ class CsmModel(nn.Module):
         audio = (audio * mask[..., :-1].unsqueeze(-1)).sum(dim=2)
         return audio + text
 
-    def backbone_hidden(self, tokens, mask, positions) -> torch.Tensor:
+    def backbone_hidden(self, tokens, mask, positions, kv_len: int | None = None) -> torch.Tensor:
         """Run the backbone over new frames; returns the normed hidden state of each row's last frame (B, dim)."""
-        h = self.backbone(self.embed_frames(tokens, mask).to(self.c0_head.weight.dtype), positions)
+        h = self.backbone(self.embed_frames(tokens, mask).to(self.c0_head.weight.dtype), positions, kv_len=kv_len)
         return h[:, -1]
 
     def depth_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -209,11 +212,12 @@ class CsmModel(nn.Module):
         return torch.einsum("bkd,kdv->bkv", h, self.audio_head)
 
     @torch.inference_mode()
-    def generate_frame(self, tokens, mask, positions, temperature: float, topk: int, generator=None) -> torch.Tensor:
+    def generate_frame(self, tokens, mask, positions, temperature: float, topk: int, generator=None,
+                       kv_len: int | None = None) -> torch.Tensor:
         """One audio frame: backbone over the new frames, codebook 0 from its head, codebooks 1..K-1 from the
-        depth decoder one at a time. Returns codes (B, K) int64."""
+        depth decoder one at a time. Returns codes (B, K) int64. kv_len: see Transformer.forward."""
         K, V = self.cfg.num_codebooks, self.cfg.audio_vocab_size
-        hidden = self.backbone_hidden(tokens, mask, positions)
+        hidden = self.backbone_hidden(tokens, mask, positions, kv_len)
         code = sample_topk(self.c0_head(hidden), temperature, topk, generator)
         codes = [code]
         B = hidden.shape[0]

@@ -104,7 +104,7 @@ class Engine:
         x = model.embed_frames(tokens[None].to(self.device), mask[None].to(self.device)).to(buf.emb.dtype)
         if T > 1:
             positions = torch.arange(T - 1, device=self.device)[None]
-            model.backbone(x[:, :-1], positions, cache_rows=torch.tensor([row], device=self.device))
+            model.backbone(x[:, :-1], positions, cache_rows=torch.tensor([row], device=self.device), kv_len=T - 1)
         buf.emb[row] = x[0, -1]
         buf.positions[row] = T - 1
         buf.lengths[row] = T
