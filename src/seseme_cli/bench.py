@@ -95,6 +95,23 @@ def _event_times(step, frames: int) -> list[float]:
     return [s.elapsed_time(e) for s, e in times]
 
 
+def time_to_first_audio(tts: CSM, tokens, mask, seed: int, rounds: int = 6) -> float:
+    """Streaming: from the call to the first decoded audio chunk (prefill, one frame, its Mimi decode), warm:
+    the median of rounds 2.. (the first loads kernels)."""
+    from .longform import Generation
+    from .streaming import stream_generation
+
+    times = []
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        stream = stream_generation(tts, Generation(tokens, mask, 50, seed), first_chunk_frames=1)
+        next(stream)
+        times.append((time.perf_counter() - start) * 1e3)
+        stream.close()
+    return statistics.median(times[1:])
+
+
 @torch.inference_mode()
 def bench_engine(tts: CSM, batch: int, frames: int, warmup: int = 10, seed: int = 0) -> Result:
     tts.setup_caches(batch)
@@ -113,6 +130,8 @@ def bench_engine(tts: CSM, batch: int, frames: int, warmup: int = 10, seed: int 
         ttffs.append((time.perf_counter() - start) * 1e3)
     ttff = statistics.median(ttffs[1:])
 
+    ttfa = time_to_first_audio(tts, tokens, mask, seed) if batch == 1 else None
+
     for row in range(batch):
         engine.set_row(row, tokens, mask, 0.9, 50, seed + row)
     for _ in range(warmup):
@@ -125,7 +144,8 @@ def bench_engine(tts: CSM, batch: int, frames: int, warmup: int = 10, seed: int 
         batch=batch, frames=frames, ms_per_frame=ms, ttff_ms=ttff if batch == 1 else None,
         gb_per_s=bytes_per_frame(engine, batch, position) / (ms * 1e-3) / 1e9,
         peak_gb=torch.cuda.max_memory_allocated() / 1e9,
-        extra={"prompt_frames": tokens.shape[0], "graphs": bool(engine.graphs), "first_ttff_ms": ttffs[0]},
+        extra={"prompt_frames": tokens.shape[0], "graphs": bool(engine.graphs), "first_ttff_ms": ttffs[0],
+               "ttfa_ms": ttfa},
     )
 
 

@@ -400,15 +400,18 @@ def _print_bench(results, copy_gb_s: float, tts) -> None:
 
     slowest = max(r.ms_per_frame for r in results if r.batch == 1) if any(r.batch == 1 for r in results) else None
     table = Table(title=f"{torch.cuda.get_device_name()} | {tts.description} | copy bandwidth {copy_gb_s:.0f} GB/s")
-    for col in ("what", "batch", "ms/frame", "frames/s", "x real time", "first frame ms", "GB/s", "% copy bw", "peak GB", "speedup"):
+    for col in ("what", "batch", "ms/frame", "frames/s", "x real time", "first frame ms", "first audio ms", "GB/s",
+                "% copy bw", "peak GB", "speedup"):
         table.add_column(col, justify="right" if col != "what" else "left")
     for r in results:
         speedup = f"{slowest / r.ms_per_frame * r.batch:.0f}x" if slowest else ""
         table.add_row(
             r.name, str(r.batch), f"{r.ms_per_frame:.2f}", f"{r.frames_per_s:.0f}", f"{r.real_time_factor:.1f}",
             "" if r.ttff_ms is None else f"{r.ttff_ms:.1f}",
+            "" if r.extra.get("ttfa_ms") is None else f"{r.extra['ttfa_ms']:.1f}",
             "" if r.gb_per_s is None else f"{r.gb_per_s:.0f}",
             "" if r.gb_per_s is None else f"{100 * r.gb_per_s / copy_gb_s:.0f}%",
             "" if r.peak_gb is None else f"{r.peak_gb:.2f}", speedup,
         )
-    out.print(table)
+    # Wide enough for every column when the output is a file or a pipe (rich would squeeze it to 80).
+    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
