@@ -23,6 +23,7 @@
 // Registers (sm_90, ptxas 13.0): 122-196 for CSM's shapes (4 heads per block, keys_per_iter 1-8), no spills
 // in any instantiation; keys_per_iter * heads per block > 32 is rejected (it would spill).
 #include "attention.cuh"
+#include "numeric.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -56,21 +57,8 @@ struct AttnArgs {
     float scale_log2;  // scale * log2(e)
 };
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-    T v[N];
-};
 
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-__device__ __forceinline__ int64_t load_index(const void* p, bool is_int32, int64_t i) {
-    return is_int32 ? (int64_t) static_cast<const int32_t*>(p)[i] : static_cast<const int64_t*>(p)[i];
-}
 
 // 8 elements of a 16-byte raw load as floats. bf16 -> fp32 is a shift or a mask per element.
 template <typename T>

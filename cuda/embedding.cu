@@ -8,6 +8,7 @@
 // the gathered rows. The table is read through the read-only path; a frame touches 32 scattered rows, so
 // there is no reuse to stage.
 #include "embedding.cuh"
+#include "numeric.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,23 +22,8 @@ constexpr int kDefaultThreads = 64;  // 4 blocks per 2048-wide bf16 row: a singl
 // ----------------------------------------------------------------------------------------------------
 // kernels
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-    T v[N];
-};
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // N elements per pack: 16 bytes when the row width and pointers allow, else 1.
 // The launch bounds matter: without them ptxas holds the kernel to 32 registers and interleaves the loads

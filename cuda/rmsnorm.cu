@@ -9,6 +9,7 @@
 // sits in registers between the sum-of-squares pass and the output pass; longer rows keep their first
 // kCache packs in registers and read the rest back (from L1/L2: this thread just touched them).
 #include "rmsnorm.cuh"
+#include "numeric.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,11 +23,6 @@ constexpr int kCache = 4;         // packs per thread kept in registers
 // ----------------------------------------------------------------------------------------------------
 // kernels
 
-// N elements moved as one load/store; 16 bytes when N * sizeof(T) == 16.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-    T v[N];
-};
 
 template <typename T, int N>
 __device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
@@ -38,19 +34,7 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
     *reinterpret_cast<Pack<T, N>*>(p) = v;
 }
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// Round to nearest even, as torch does when it stores a float result in a half type.
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffff, v, offset);

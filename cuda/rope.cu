@@ -11,6 +11,7 @@
 // threads. The angle is float(position) * inv_freq in fp32 and cos/sin are the accurate sincosf (angles reach
 // ~2048 rad), as torch computes them in the reference; the rotation is done in fp32 and rounded once.
 #include "rope.cuh"
+#include "numeric.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,27 +24,9 @@ constexpr int kDefaultThreads = 256;
 // ----------------------------------------------------------------------------------------------------
 // kernels
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-    T v[N];
-};
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-__device__ __forceinline__ int64_t load_index(const void* p, bool is_int32, int64_t i) {
-    return is_int32 ? (int64_t) static_cast<const int32_t*>(p)[i] : static_cast<const int64_t*>(p)[i];
-}
 
 // P elements per chunk; head_dim / 2 is a multiple of P and every pointer is P-element aligned.
 template <typename T, int P>

@@ -14,6 +14,7 @@
 // whole. Each thread then draws one Philox block per 4 consecutive entries and the block takes the argmax
 // of (race key, -index) packed into one 64-bit integer, which also settles ties towards the first index.
 #include "sampling.cuh"
+#include "numeric.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -47,9 +48,6 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, uint32_t k0, uint32_t k1
 // A 32-bit word -> U in (0, 1]: 24 bits, so the float is exact; U = 1 gives E = 0 and an infinite key.
 __device__ __forceinline__ float uniform01(uint32_t u) { return (float)((u >> 8) + 1u) * 5.9604644775390625e-8f; }
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // Order-preserving unsigned images: a < b as floats <=> image(a) < image(b). -0 joins +0 (equal as floats);
 // NaN goes above +inf (as in torch.argmax), so it is never below a real number. image >= 1 for every input.
