@@ -190,12 +190,6 @@ def test_interrupt_leaves_no_files(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # the codes' temp file is gone too
 
 
-@pytest.mark.parametrize("command", ["tune"])
-def test_stubs_say_not_implemented(command):
-    result = runner.invoke(cli.app, [command, "--some-option", "x"])
-    assert result.exit_code == 2 and "not implemented yet" in result.stderr
-
-
 @pytest.mark.parametrize("args", [["--batch-sizes", "1,x"], ["--batch-sizes", "0"], ["--frames", "0"], []])
 def test_bench_bad_input_or_no_gpu_is_one_line(args):
     if torch.cuda.is_available() and not args:

@@ -1,4 +1,4 @@
-"""The `seseme` command line: `say` speaks one text; `batch`, `tune` and `bench` are still to come.
+"""The `seseme` command line: `say` speaks one text, `batch` many, `bench` times the engine, `tune` tunes its kernels.
 
 Everything cheap is checked before the model loads, so a typo costs no model load. Problems are raised as
 SesemeError where they are found; `user_errors` is the one place that turns them into a single `error: ...`
@@ -289,15 +289,6 @@ def say(
     )
 
 
-# Stubs: they take any arguments for now, so that `seseme bench --anything` says "not implemented" too.
-_STUB = {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}
-
-
-def _not_implemented(command: str) -> None:
-    err.print(f"error: seseme {command}: not implemented yet", style="bold red", markup=False)
-    raise typer.Exit(2)
-
-
 class AudioFormat(str, Enum):
     wav = "wav"
     flac = "flac"
@@ -333,10 +324,39 @@ def batch(
         raise typer.Exit(1)
 
 
-@app.command(**_STUB)
-def tune() -> None:
-    """Autotune the kernels and CUDA-graph buckets for this GPU and save the choices."""
-    _not_implemented("tune")
+@app.command()
+def tune(
+    model: Annotated[str, typer.Option(help="Model whose shapes to tune (only its config is read for 'random').")] = "random",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32,64",
+    quick: Annotated[bool, typer.Option("--quick", help="Batch-1 shapes only (under a minute on an H100).")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON.")] = None,
+) -> None:
+    """Autotune the kernels' launch parameters for this GPU at the model's shapes; the engine uses the result."""
+    with user_errors():
+        from . import tune as t
+        from . import tuning
+        from .checkpoints import load_checkpoint
+
+        sizes = [1] if quick else _parse_batch_sizes(batch_sizes)
+        if json_path is not None and not json_path.parent.is_dir():
+            raise InputError(f"cannot write {json_path}: {json_path.parent} is not a directory")
+        t.require_gpu()
+        with err.status(f"reading the shapes of {model}..."):
+            config = load_checkpoint(model).config
+        key = tuning.device_key()
+        started = time.perf_counter()
+        with err.status("tuning...") as status:
+            results = t.run(config, sizes, progress=status.update)
+        path = tuning.save_tuning(key, [r.to_dict() for r in results])
+        for table in t.tables(results):
+            out.print(table)
+        out.print(f"tuned {len(results)} shapes on {key['gpu']} in {time.perf_counter() - started:.0f} s; "
+                  f"saved to {path} (the engine loads it at start-up; SESEME_TUNING=off ignores it)", markup=False)
+        if json_path is not None:
+            import json
+
+            json_path.write_text(json.dumps({"cache": str(path), **tuning.Tuning.to_json(key, [r.to_dict() for r in results])},
+                                            indent=2))
 
 
 @app.command()

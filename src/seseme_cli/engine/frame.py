@@ -17,6 +17,7 @@ from ..ops.embedding import embed_codes
 from ..ops.linear import linear, linear_workspace_bytes, swiglu_linear
 from ..ops.rmsnorm import rms_norm
 from ..ops.sampling import sample_topk_philox
+from ..tuning import tuned_config
 from .pack import EngineWeights, StackWeights
 
 
@@ -39,7 +40,7 @@ class StackBuffers:
 class FrameBuffers:
     """Every tensor a frame touches, for up to `max_batch` rows; buckets use the leading rows."""
 
-    def __init__(self, cfg: CsmConfig, max_batch: int, device, dtype):
+    def __init__(self, cfg: CsmConfig, max_batch: int, device, dtype, tuning=None):
         B, K, V = max_batch, cfg.num_codebooks, cfg.audio_vocab_size
 
         def new(*shape, dt=dtype):
@@ -60,8 +61,11 @@ class FrameBuffers:
         self.logits = new(B, V)
         self.codes = new(K, B, dt=torch.long)  # codebook-major: each draw writes one contiguous row
         self.frame_codes = new(B, K, dt=torch.long)  # the finished frame, row-major
-        # One zeroed split-K workspace serves every linear call (each call leaves it zeroed again).
-        need = max(linear_workspace_bytes(n, m, k, swiglu, device=device) for n, m, k, swiglu in linear_shapes(cfg, B))
+        # One zeroed split-K workspace serves every linear call (each call leaves it zeroed again), sized for the
+        # tuned configs where there are any (a tuned config may split K more than the default).
+        self.tuning = tuning  # a tuning.Tuning (from `seseme tune`) or None: the ops' built-in defaults
+        need = max(linear_workspace_bytes(n, m, k, swiglu, tuned_config(tuning, "linear", n, m, k, swiglu).get("config"),
+                                          device=device) for n, m, k, swiglu in linear_shapes(cfg, B))
         self.linear_workspace = torch.zeros(max(need, 16), device=device, dtype=torch.uint8)
 
 
@@ -92,18 +96,25 @@ class DepthSchedule:
         self.lengths = [(p + 1).int() for p in self.positions]
 
 
-def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, cache_rows, ws) -> torch.Tensor:
+def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, cache_rows, ws, tuning=None) -> torch.Tensor:
     """The transformer layers over the first n rows of buf.h (in place) -> normed output in buf.xn[:n]."""
     h, xn, qkv, q, attn, act = buf.h[:n], buf.xn[:n], buf.qkv[:n], buf.q[:n], buf.attn[:n], buf.act[:n]
+    # Tuned launch parameters ({} = the ops' defaults); every layer of a stack has the same shapes.
+    H, (S, Hkv, hd) = q.shape[1], w.layers[0].k_cache.shape[1:]
+    t_qkv = tuned_config(tuning, "linear", n, qkv.shape[1], xn.shape[1], False)
+    t_o = tuned_config(tuning, "linear", n, h.shape[1], H * hd, False)
+    t_up = tuned_config(tuning, "linear", n, act.shape[1], xn.shape[1], True)
+    t_down = tuned_config(tuning, "linear", n, h.shape[1], act.shape[1], False)
+    t_rope, t_attn = tuned_config(tuning, "rope", n, H, Hkv, hd), tuned_config(tuning, "attention", n, H, Hkv, hd, S)
     for layer in w.layers:
         rms_norm(h, layer.attn_norm, w.eps, out=xn)
-        linear(xn, layer.wqkv, out=qkv, workspace=ws)
-        rope_append(qkv, positions, cache_rows, w.inv_freq, layer.k_cache, layer.v_cache, q)
-        decode_attention(q, layer.k_cache, layer.v_cache, cache_rows, lengths, attn, workspace=buf.workspace)
-        linear(attn.view(n, -1), layer.wo, out=h, residual=h, workspace=ws)
+        linear(xn, layer.wqkv, out=qkv, workspace=ws, **t_qkv)
+        rope_append(qkv, positions, cache_rows, w.inv_freq, layer.k_cache, layer.v_cache, q, **t_rope)
+        decode_attention(q, layer.k_cache, layer.v_cache, cache_rows, lengths, attn, workspace=buf.workspace, **t_attn)
+        linear(attn.view(n, -1), layer.wo, out=h, residual=h, workspace=ws, **t_o)
         rms_norm(h, layer.mlp_norm, w.eps, out=xn)
-        swiglu_linear(xn, layer.w_gate_up, out=act, workspace=ws)
-        linear(act, layer.w_down, out=h, residual=h, workspace=ws)
+        swiglu_linear(xn, layer.w_gate_up, out=act, workspace=ws, **t_up)
+        linear(act, layer.w_down, out=h, residual=h, workspace=ws, **t_down)
     rms_norm(h, w.norm, w.eps, out=xn)
     return xn
 
@@ -127,31 +138,36 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     temperature, topk, seeds, counters = buf.temperature[:b], buf.topk[:b], buf.seeds[:b], buf.counters[:b]
     codes, logits = buf.codes[:, :b], buf.logits[:b]
     ws = buf.linear_workspace
+    tuning, bb_dim, dd_dim = buf.tuning, buf.backbone.h.shape[1], buf.depth.h.shape[1]
+    t_c0 = tuned_config(tuning, "linear", b, V, bb_dim, False)
+    t_proj = tuned_config(tuning, "linear", b, dd_dim, bb_dim, False)
+    t_head = tuned_config(tuning, "linear", b, V, dd_dim, False)
+    t_sample = tuned_config(tuning, "sampling", b, V)
 
     # Backbone: one position per row, then codebook 0.
     buf.backbone.h[:b].copy_(buf.emb[:b])
-    hidden = run_stack(w.backbone, buf.backbone, b, buf.positions[:b], buf.lengths[:b], buf.rows[:b], ws)
-    linear(hidden, w.c0_head, out=logits, workspace=ws)
-    sample_topk_philox(logits, temperature, topk, seeds, counters, 0, codes[0])
+    hidden = run_stack(w.backbone, buf.backbone, b, buf.positions[:b], buf.lengths[:b], buf.rows[:b], ws, tuning)
+    linear(hidden, w.c0_head, out=logits, workspace=ws, **t_c0)
+    sample_topk_philox(logits, temperature, topk, seeds, counters, 0, codes[0], **t_sample)
     if teacher:
         teacher(0, logits, codes[0])
 
     # Depth decoder step 0: [backbone state, embedding of codebook 0] at positions 0 and 1.
     # A code's projected embedding is one row of w.projected_embed (projection folded into the table).
-    linear(hidden, w.projection, out=buf.depth.h[:b], workspace=ws)
+    linear(hidden, w.projection, out=buf.depth.h[:b], workspace=ws, **t_proj)
     embed_codes(codes[0].view(b, 1), w.projected_embed[:V], buf.depth.h[b : 2 * b], V)
-    out = run_stack(w.depth, buf.depth, 2 * b, sched.first_positions, sched.first_lengths, sched.first_rows, ws)
-    linear(out[b:], w.audio_heads[0], out=logits, workspace=ws)
-    sample_topk_philox(logits, temperature, topk, seeds, counters, 1, codes[1])
+    out = run_stack(w.depth, buf.depth, 2 * b, sched.first_positions, sched.first_lengths, sched.first_rows, ws, tuning)
+    linear(out[b:], w.audio_heads[0], out=logits, workspace=ws, **t_head)
+    sample_topk_philox(logits, temperature, topk, seeds, counters, 1, codes[1], **t_sample)
     if teacher:
         teacher(1, logits, codes[1])
 
     # Depth steps 2..K-1: the previous codebook's embedding at position i.
     for i in range(2, K):
         embed_codes(codes[i - 1].view(b, 1), w.projected_embed[(i - 1) * V : i * V], buf.depth.h[:b], V)
-        out = run_stack(w.depth, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows, ws)
-        linear(out, w.audio_heads[i - 1], out=logits, workspace=ws)
-        sample_topk_philox(logits, temperature, topk, seeds, counters, i, codes[i])
+        out = run_stack(w.depth, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows, ws, tuning)
+        linear(out, w.audio_heads[i - 1], out=logits, workspace=ws, **t_head)
+        sample_topk_philox(logits, temperature, topk, seeds, counters, i, codes[i], **t_sample)
         if teacher:
             teacher(i, logits, codes[i])
 

@@ -13,6 +13,7 @@ import logging
 import torch
 
 from ..model import CsmModel
+from ..tuning import load_tuning
 from .frame import DepthSchedule, FrameBuffers, run_frame
 from .pack import pack
 
@@ -59,7 +60,8 @@ class Engine:
             check_batch_fits(self.cfg, model.c0_head.weight.dtype, self.device, max_batch)
         model.setup_caches(max_batch)
         self.weights = pack(model)
-        self.buf = FrameBuffers(self.cfg, max_batch, self.device, model.c0_head.weight.dtype)
+        self.tuning = load_tuning(self.device)  # this GPU's `seseme tune` cache (logged), or None: defaults
+        self.buf = FrameBuffers(self.cfg, max_batch, self.device, model.c0_head.weight.dtype, self.tuning)
         self.buckets = bucket_sizes(max_batch)
         self.schedules = {b: DepthSchedule(b, self.cfg.num_codebooks, self.device) for b in self.buckets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
