@@ -21,7 +21,7 @@ LinearConfig make_config(int kernel, int warps, int rows, int split_k, int unrol
 
 void linear(uintptr_t out, uintptr_t x, uintptr_t weight, uintptr_t residual, uintptr_t workspace,
             int64_t workspace_bytes, int64_t n, int64_t m, int64_t k, bool swiglu, int dtype, int kernel, int warps,
-            int rows, int split_k, int unroll, int stages, uintptr_t stream) {
+            int rows, int split_k, int unroll, int stages, uintptr_t stream, uintptr_t norm_weight, float norm_eps) {
 #if !SESEME_WITH_CUDA
     no_cuda();
 #else
@@ -33,6 +33,8 @@ void linear(uintptr_t out, uintptr_t x, uintptr_t weight, uintptr_t residual, ui
     check(x % 16 == 0 && weight % 16 == 0, "linear: x and weight must be 16-byte aligned");
     check_ptr("out", out, 2);
     check_ptr("residual", residual, 2);
+    check(norm_weight == 0 || (kernel == LINEAR_GEMV && norm_weight % 16 == 0),
+          "linear: the fused RMSNorm (norm_weight) needs the GEMV kernel and a 16-byte aligned norm_weight");
     const int64_t need = linear_workspace_bytes(n, m, k, swiglu, cfg);
     check(need == 0 || (workspace != 0 && workspace % 16 == 0 && workspace_bytes >= need),
           "linear: this config splits K and needs a 16-byte aligned, zero-initialised workspace of " +
@@ -41,7 +43,7 @@ void linear(uintptr_t out, uintptr_t x, uintptr_t weight, uintptr_t residual, ui
                  launch_linear(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(x),
                                reinterpret_cast<const void*>(weight), reinterpret_cast<const void*>(residual),
                                reinterpret_cast<void*>(workspace), workspace_bytes, n, m, k, swiglu, dtype, cfg,
-                               stream));
+                               stream, reinterpret_cast<const void*>(norm_weight), norm_eps));
 #endif
 }
 
@@ -63,9 +65,11 @@ void bind_linear(pybind11::module_& m) {
     m.def("linear", &linear, py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("residual"),
           py::arg("workspace"), py::arg("workspace_bytes"), py::arg("n"), py::arg("m"), py::arg("k"),
           py::arg("swiglu"), py::arg("dtype"), py::arg("kernel"), py::arg("warps"), py::arg("rows"),
-          py::arg("split_k"), py::arg("unroll"), py::arg("stages"), py::arg("stream"),
+          py::arg("split_k"), py::arg("unroll"), py::arg("stages"), py::arg("stream"), py::arg("norm_weight") = 0,
+          py::arg("norm_eps") = 0.f,
           "out (n, m) = x (n, k) @ weight (m, k)^T [+ residual], or with swiglu out (n, m) = silu(x Wg^T) * "
-          "(x Wu^T) for weight (2m, k) = [Wg; Wu]. Pointers 0 for none. Asynchronous on `stream`.");
+          "(x Wu^T) for weight (2m, k) = [Wg; Wu]. Pointers 0 for none. Asynchronous on `stream`. norm_weight "
+          "(k,): x is first RMS-normalised with it and norm_eps, on the fly (GEMV kernel only).");
     m.def("linear_config_error", &config_error, py::arg("n"), py::arg("m"), py::arg("k"), py::arg("swiglu"),
           py::arg("kernel"), py::arg("warps"), py::arg("rows"), py::arg("split_k"), py::arg("unroll"),
           py::arg("stages"), "None if the linear launch config can run this problem, else why not.");

@@ -17,16 +17,18 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 const char* launch_linear(void* out, const void* x, const void* weight, const void* residual, void* workspace,
                           int64_t workspace_bytes, int64_t n, int64_t m, int64_t k, bool swiglu, int dtype,
-                          const LinearConfig& cfg, uintptr_t stream) {
+                          const LinearConfig& cfg, uintptr_t stream, const void* norm_weight, float norm_eps) {
     if (const char* err = linear_config_error(n, m, k, swiglu, cfg)) return err;
     if (dtype != SESEME_BF16 && dtype != SESEME_F16) return "linear: unsupported dtype (bf16 and fp16 only)";
     if (out == nullptr || x == nullptr || weight == nullptr) return "linear: null out, x or weight";
     if (swiglu && residual != nullptr) return "linear: swiglu takes no residual";
     if (!aligned16(x) || !aligned16(weight)) return "linear: x and weight must be 16-byte aligned";
+    if (norm_weight != nullptr && (cfg.kernel != LINEAR_GEMV || !aligned16(norm_weight)))
+        return "linear: the fused RMSNorm needs the GEMV kernel and a 16-byte aligned norm_weight";
     const int64_t need = linear_workspace_bytes(n, m, k, swiglu, cfg);
     if (need > 0 && (workspace == nullptr || workspace_bytes < need || !aligned16(workspace)))
         return "linear: this config splits K and needs a 16-byte aligned workspace of linear_workspace_bytes";
-    const Args a{out, x, weight, residual, workspace, (int)n, (int)m, (int)k, swiglu, dtype, cfg,
+    const Args a{out, x, weight, residual, workspace, norm_weight, norm_eps, (int)n, (int)m, (int)k, swiglu, dtype, cfg,
                  reinterpret_cast<cudaStream_t>(stream)};
     return cfg.kernel == LINEAR_GEMV ? launch_gemv(a) : launch_mma(a);
 }

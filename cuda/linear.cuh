@@ -5,6 +5,8 @@
 //   out (n, m) = x (n, k) @ weight (m, k)^T  [+ residual (n, m)]           (plain)
 //   out (n, f) = silu(x @ Wg^T) * (x @ Wu^T),  weight = cat([Wg, Wu]) (2f, k)  (swiglu)
 // All tensors contiguous row-major in one storage dtype (bf16 or fp16); fp32 accumulation, one rounding.
+// Optionally (GEMV kernel only) x is first replaced by rms_norm(x, norm_weight, eps) on the fly, rounded as
+// cuda/rmsnorm.cu rounds it: norm_weight * round(x * rsqrt(mean(x^2) + eps)), rounded again.
 #pragma once
 
 #include <cstdint>
@@ -95,10 +97,12 @@ inline int64_t linear_workspace_bytes(int64_t n, int64_t m, int64_t k, bool swig
 // m = output columns (f for swiglu; weight then has 2f rows). residual may be null (never with swiglu) and may
 // equal out (in place); x must not overlap out. Needs x and weight 16-byte aligned and k % 8 == 0, out and
 // residual element-aligned. workspace: zero-initialised device memory of at least linear_workspace_bytes,
-// used by one stream at a time. Returns nullptr or a static error message. Asynchronous; no allocation.
+// used by one stream at a time. norm_weight (k elements, 16-byte aligned) or null: fused RMSNorm of x with
+// norm_eps, GEMV config only. Returns nullptr or a static error message. Asynchronous; no allocation.
 const char* launch_linear(void* out, const void* x, const void* weight, const void* residual, void* workspace,
                           int64_t workspace_bytes, int64_t n, int64_t m, int64_t k, bool swiglu, int dtype,
-                          const LinearConfig& cfg, uintptr_t stream);
+                          const LinearConfig& cfg, uintptr_t stream, const void* norm_weight = nullptr,
+                          float norm_eps = 0.f);
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -114,6 +118,8 @@ struct Args {
     const void* weight;
     const void* residual;
     void* workspace;
+    const void* norm_weight;  // null: no fused RMSNorm (GEMV only)
+    float norm_eps;
     int n, m, k;  // m = output columns (f for swiglu)
     bool swiglu;
     int dtype;

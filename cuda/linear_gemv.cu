@@ -7,6 +7,11 @@
 // warp are reduced with a transpose-reduce (31 shuffles for 32 sums, not 5 each). `split_k` warps of a block
 // share one row group, each taking every split_k-th chunk of K, and add up through shared memory: small-m,
 // large-k shapes get enough warps without a global workspace.
+//
+// Fused RMSNorm (NORM, norm_w != null): x is replaced by rms_norm(x, norm_w, eps) on the fly. Each block first
+// reduces sum(x^2) of every x row (all its threads, one x read from L2/L1, fp32) - after issuing its first weight
+// step, so that DRAM latency overlaps the reduction - then normalises each x pack as it loads it, rounding as
+// transformers' LlamaRMSNorm (and cuda/rmsnorm.cu) do: w * round(x * rsqrt(sum / k + eps)), rounded again.
 #include "linear.cuh"
 
 namespace seseme_linear {
@@ -81,6 +86,37 @@ __device__ __forceinline__ int lane_base(int lane) {
     return base;
 }
 
+// x pack xv normalised: round(round(x * inv) * w) per element, as floats. Both products as torch rounds them:
+// the first in fp32, the second exact in fp32 (bf16 * bf16 and fp16 * fp16 fit), then rounded once, which is what
+// the packed mul.{bf16,f16}x2 does.
+__device__ __forceinline__ void norm8(const uint4& xv, const uint4& wv, float inv, float (&f)[8], __nv_bfloat16) {
+    const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(__uint_as_float(xw[i] << 16) * inv,
+                                                 __uint_as_float(xw[i] & 0xffff0000u) * inv);
+        h = __hmul2(h, *reinterpret_cast<const __nv_bfloat162*>(&ww[i]));
+        const uint32_t u = *reinterpret_cast<const uint32_t*>(&h);
+        f[2 * i] = __uint_as_float(u << 16);
+        f[2 * i + 1] = __uint_as_float(u & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ void norm8(const uint4& xv, const uint4& wv, float inv, float (&f)[8], __half) {
+    const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 t = __half22float2(*reinterpret_cast<const __half2*>(&xw[i]));
+        __half2 h = __floats2half2_rn(t.x * inv, t.y * inv);
+        h = __hmul2(h, *reinterpret_cast<const __half2*>(&ww[i]));
+        const float2 r = __half22float2(h);
+        f[2 * i] = r.x;
+        f[2 * i + 1] = r.y;
+    }
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // Pack p of x row j, zeros past the row or past n (uniform branches).
 template <typename T>
 __device__ __forceinline__ uint4 load_x(const T* __restrict__ x, int k, int npk, int j, int p, bool full, int n) {
@@ -90,9 +126,11 @@ __device__ __forceinline__ uint4 load_x(const T* __restrict__ x, int k, int npk,
 
 // Grid: one block per `warps / split_k` row groups of R output rows. Rows past m are clamped to row m - 1
 // (loaded, never stored) so the loads need no guard. out may alias residual, never x or weight.
-template <typename T, int NT, int R, int U, bool SWIGLU>
+// NORM: norm_w (k) is the RMSNorm weight; x is normalised on the fly (see the top of the file).
+template <typename T, int NT, int R, int U, bool SWIGLU, bool NORM>
 __global__ void __launch_bounds__(256, 1) gemv_kernel(T* out, const T* __restrict__ x, const T* __restrict__ weight,
-                                                  const T* residual, int n, int m, int k, int split_k) {
+                                                  const T* residual, int n, int m, int k, int split_k,
+                                                  const T* __restrict__ norm_w, float eps) {
     constexpr int RW = SWIGLU ? 2 * R : R;  // weight rows per warp: value index = row * NT + x row
     constexpr int V = RW * NT;
     constexpr int C = V > 32 ? V / 32 : 1;  // sums per lane after the reduce
@@ -120,8 +158,51 @@ __global__ void __launch_bounds__(256, 1) gemv_kernel(T* out, const T* __restric
         for (int j = 0; j < NT; j++) acc[i][j] = 0.f;
 
     // x loads go out right behind the weight loads when their registers fit, so their L1 latency hides under
-    // the weights' DRAM latency instead of following it.
-    constexpr bool kPreloadX = NT * U <= 16;
+    // the weights' DRAM latency instead of following it (not for the largest NORM tile: it would spill).
+    constexpr bool kPreloadX = NT * U <= 16 && !(NORM && V >= 64);
+
+    // NORM: 1 / rms of each x row (the same in every thread), reduced by the whole block while the first weight
+    // step is in flight.
+    float inv[NORM ? NT : 1];
+    if constexpr (NORM) {
+        __shared__ float sq_part[8][NT];  // [warp][x row]
+        if (ks < nchunks) {  // the first weight step towards L2 while the block reduces (no registers held)
+            const int p0 = ks * kChunk + lane;
+#pragma unroll
+            for (int i = 0; i < RW; i++)
+#pragma unroll
+                for (int u = 0; u < U; u++)
+                    if (p0 + u * 32 < npk) prefetch_l2(wrow[i] + (size_t)(p0 + u * 32) * 8);
+        }
+        float ss[NT];
+#pragma unroll
+        for (int j = 0; j < NT; j++) ss[j] = 0.f;
+        for (int p = threadIdx.x; p < npk; p += blockDim.x) {
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                if (j >= n) break;  // uniform
+                float f[8];
+                unpack8(__ldg(reinterpret_cast<const uint4*>(x + (size_t)j * k) + p), f, T());
+#pragma unroll
+                for (int e = 0; e < 8; e++) ss[j] = fmaf(f[e], f[e], ss[j]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+#pragma unroll
+            for (int off = 16; off > 0; off /= 2) ss[j] += __shfl_xor_sync(kFull, ss[j], off);
+            if (lane == 0) sq_part[warp][j] = ss[j];
+        }
+        __syncthreads();
+        const int nwarps = blockDim.x / 32;
+#pragma unroll
+        for (int j = 0; j < NT; j++) {
+            float s = 0.f;
+            for (int w = 0; w < nwarps; w++) s += sq_part[w][j];
+            inv[j] = rsqrtf(s / (float)k + eps);
+        }
+    }
+
     for (int c = ks; c < nchunks; c += split_k) {
         const int p0 = c * kChunk + lane;
         const bool full = (c + 1) * kChunk <= npk;
@@ -134,11 +215,16 @@ __global__ void __launch_bounds__(256, 1) gemv_kernel(T* out, const T* __restric
                 wv[i][u] = (full || p < npk) ? ld_stream(wrow[i] + (size_t)p * 8) : make_uint4(0, 0, 0, 0);
             }
         uint4 xv[kPreloadX ? NT : 1][kPreloadX ? U : 1];
+        uint4 nv[NORM ? U : 1];  // norm weight packs, shared by the x rows
         if constexpr (kPreloadX) {
 #pragma unroll
             for (int j = 0; j < NT; j++)
 #pragma unroll
                 for (int u = 0; u < U; u++) xv[j][u] = load_x(x, k, npk, j, p0 + u * 32, full, n);
+        }
+        if constexpr (NORM) {
+#pragma unroll
+            for (int u = 0; u < U; u++) nv[u] = load_x(norm_w, k, npk, 0, p0 + u * 32, full, 1);
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -149,8 +235,16 @@ __global__ void __launch_bounds__(256, 1) gemv_kernel(T* out, const T* __restric
             for (int j = 0; j < NT; j++) {
                 if (j >= n) break;  // uniform across the block
                 float xf[8];
-                if constexpr (kPreloadX) unpack8(xv[j][u], xf, T());
-                else unpack8(load_x(x, k, npk, j, p0 + u * 32, full, n), xf, T());
+                if constexpr (NORM) {
+                    uint4 xp;
+                    if constexpr (kPreloadX) xp = xv[j][u];
+                    else xp = load_x(x, k, npk, j, p0 + u * 32, full, n);
+                    norm8(xp, nv[u], inv[j], xf, T());
+                } else if constexpr (kPreloadX) {
+                    unpack8(xv[j][u], xf, T());
+                } else {
+                    unpack8(load_x(x, k, npk, j, p0 + u * 32, full, n), xf, T());
+                }
 #pragma unroll
                 for (int i = 0; i < RW; i++)
 #pragma unroll
@@ -203,8 +297,14 @@ const char* run(const Args& a) {
     const int groups = a.cfg.warps / a.cfg.split_k;
     const int64_t row_groups = (a.m + R - 1) / R;
     const int64_t blocks = (row_groups + groups - 1) / groups;
-    gemv_kernel<T, NT, R, U, SWIGLU><<<(unsigned)blocks, a.cfg.warps * 32, 0, a.stream>>>(
-        (T*)a.out, (const T*)a.x, (const T*)a.weight, (const T*)a.residual, a.n, a.m, a.k, a.cfg.split_k);
+    if (a.norm_weight != nullptr)
+        gemv_kernel<T, NT, R, U, SWIGLU, true><<<(unsigned)blocks, a.cfg.warps * 32, 0, a.stream>>>(
+            (T*)a.out, (const T*)a.x, (const T*)a.weight, (const T*)a.residual, a.n, a.m, a.k, a.cfg.split_k,
+            (const T*)a.norm_weight, a.norm_eps);
+    else
+        gemv_kernel<T, NT, R, U, SWIGLU, false><<<(unsigned)blocks, a.cfg.warps * 32, 0, a.stream>>>(
+            (T*)a.out, (const T*)a.x, (const T*)a.weight, (const T*)a.residual, a.n, a.m, a.k, a.cfg.split_k,
+            nullptr, 0.f);  // new parameters last: the plain kernels' code is as before
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

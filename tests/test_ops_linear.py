@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from seseme_cli.kernels import has_cuda_kernels, kernels_module
 from seseme_cli.ops.linear import (
     LinearConfig,
+    _norm_fuses,
     _config_error,
     _kernel_applies,
     default_config,
@@ -22,6 +23,7 @@ from seseme_cli.ops.linear import (
     swiglu_linear,
     swiglu_linear_ref,
 )
+from seseme_cli.ops.rmsnorm import rms_norm, rms_norm_ref
 
 # (m, k) of every linear layer in CSM-1B: backbone qkv, o, gate_up, down, codebook-0 head, projection;
 # depth decoder qkv, o, gate_up, down, audio head.
@@ -415,6 +417,256 @@ def test_cuda_graph_capture_and_replay():
     with torch.cuda.stream(side):  # warm up (attribute setup) outside capture, on a side stream as torch advises
         step()
     torch.cuda.current_stream().wait_stream(side)
+    eager = [o.clone() for o in outs]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for o in outs:
+        o.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for o, e in zip(outs, eager):
+        assert torch.equal(o, e)
+    for x in xs:  # new inputs in the same buffers: the replay must see them
+        x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = [o.clone() for o in outs]
+    step()
+    torch.cuda.synchronize()
+    for o, e in zip(outs, replayed):
+        assert torch.equal(o, e)
+
+
+# ---------------------------------------------------------------------------------------------- fused RMSNorm
+
+EPS = 1e-5
+
+
+def make_norm(n, k, dtype, device, seed=0):
+    """x with a non-zero mean and varied row scales (the norm must matter), and a norm weight around 1."""
+    g = torch.Generator(device=device).manual_seed(seed + 7)
+    x = (torch.randn(n, k, generator=g, device=device) + 0.3) * torch.linspace(0.5, 8, n, device=device)[:, None]
+    nw = 1 + 0.5 * torch.randn(k, generator=g, device=device)
+    return x.to(dtype), nw.to(dtype)
+
+
+def gold_norm(x, nw, eps=EPS):
+    """rms_norm in float64."""
+    xd = x.double()
+    return nw.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("mode", ["plain", "residual", "swiglu"])
+@pytest.mark.parametrize("n,m,k", [(1, 7, 8), (5, 33, 1000), (3, 1, 24)])
+def test_norm_reference_matches_float64(n, m, k, mode):
+    swiglu = mode == "swiglu"
+    for dtype, tol in ((torch.float64, 1e-6), (torch.float32, 1e-5)):  # the norm runs in fp32 (as the model)
+        x, w, r = make(n, m, k, dtype, "cpu", residual=mode == "residual", swiglu=swiglu)
+        x, nw = make_norm(n, k, dtype, "cpu")
+        buf = torch.full_like(x, float("nan"))
+        if swiglu:
+            got = swiglu_linear_ref(x, w, norm_weight=nw, norm_eps=EPS, norm_out=buf)
+        else:
+            got = linear_ref(x, w, residual=r, norm_weight=nw, norm_eps=EPS, norm_out=buf)
+        expect = gold(gold_norm(x, nw), w.double(), None if r is None else r.double(), swiglu)
+        torch.testing.assert_close(got.double(), expect, rtol=tol, atol=tol)
+        torch.testing.assert_close(buf.double(), gold_norm(x, nw), rtol=tol, atol=tol)
+
+
+def test_norm_reference_is_rms_norm_ref_then_linear_bf16():
+    x, w, r = make(4, 64, 128, torch.bfloat16, "cpu", residual=True)
+    x, nw = make_norm(4, 128, torch.bfloat16, "cpu")
+    xn = rms_norm_ref(x, nw, 1e-6)
+    buf = torch.empty_like(x)
+    assert torch.equal(linear_ref(x, w, residual=r, norm_weight=nw, norm_eps=1e-6, norm_out=buf),
+                       linear_ref(xn, w, residual=r))
+    assert torch.equal(buf, xn)
+    _, ws, _ = make(4, 32, 128, torch.bfloat16, "cpu", swiglu=True)
+    assert torch.equal(swiglu_linear_ref(x, ws, norm_weight=nw, norm_eps=1e-6, norm_out=buf),
+                       swiglu_linear_ref(xn, ws))
+    # the dispatcher on CPU: the unfused path, norm_out written, nothing else allocated for it
+    buf2 = torch.full_like(x, float("nan"))
+    out = torch.empty(4, 64, dtype=torch.bfloat16)
+    assert linear(x, w, out, r, norm_weight=nw, norm_eps=1e-6, norm_out=buf2) is out
+    assert torch.equal(out, linear_ref(xn, w, residual=r)) and torch.equal(buf2, xn)
+    assert torch.equal(swiglu_linear(x.view(2, 2, 128), ws, norm_weight=nw, norm_eps=1e-6,
+                                     norm_out=buf2.view(2, 2, 128)).view(4, 32), swiglu_linear_ref(xn, ws))
+
+
+def test_norm_argument_errors():
+    x, w, r = make(3, 64, 128, torch.bfloat16, "cpu", residual=True)
+    _, nw = make_norm(3, 128, torch.bfloat16, "cpu")
+    buf = torch.empty_like(x)
+    for op in (linear, linear_ref, swiglu_linear, swiglu_linear_ref):
+        with pytest.raises(ValueError, match="needs norm_out"):
+            op(x, w, norm_weight=nw)
+        with pytest.raises(ValueError, match="norm_out must be"):
+            op(x, w, norm_weight=nw, norm_out=torch.empty(3, 64, dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="norm_out must be"):
+            op(x, w, norm_weight=nw, norm_out=torch.empty(3, 128, dtype=torch.float16))
+        with pytest.raises(ValueError, match="norm_out must be"):
+            op(x, w, norm_weight=nw, norm_out=torch.empty(1, 3, 128, dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="norm_weight must be"):
+            op(x, w, norm_weight=nw[:64], norm_out=buf)
+        with pytest.raises(ValueError, match="norm_weight must be"):
+            op(x, w, norm_weight=nw.float(), norm_out=buf)
+        with pytest.raises(ValueError, match="without norm_weight"):
+            op(x, w, norm_out=buf)
+        with pytest.raises(ValueError, match="norm_out must not overlap x"):
+            op(x, w, norm_weight=nw, norm_out=x)
+    big = torch.zeros(3 * 128 + 3 * 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="norm_out must not overlap residual"):
+        linear(x, w, residual=big[:192].view(3, 64), norm_weight=nw, norm_out=big[100:484].view(3, 128))
+
+
+class NormProblem:
+    """Fused norm + projection against float64 of (the reference's normalised x) @ W."""
+
+    def __init__(self, n, m, k, dtype, seed, residual=False, swiglu=False):
+        self.n, self.m, self.k, self.dtype, self.swiglu = n, m, k, dtype, swiglu
+        _, self.w, self.r = make(n, m, k, dtype, "cuda", seed=seed, residual=residual, swiglu=swiglu)
+        self.x, self.nw = make_norm(n, k, dtype, "cuda", seed)
+        self.xn = rms_norm_ref(self.x, self.nw, EPS)
+        self.gold = gold(self.xn, self.w, self.r, swiglu)
+        ref = self.call(self.xn, ref=True)
+        self.ref_err = max_err(ref, self.gold)
+        self.floor = 4 * torch.finfo(torch.float32).eps * self.gold.abs().max().item()
+
+    def call(self, x, config=None, out=None, norm_out=None, ref=False, fused=False):
+        kw = dict(norm_weight=self.nw, norm_eps=EPS, norm_out=norm_out) if fused else {}
+        if self.swiglu:
+            return (swiglu_linear_ref if ref else swiglu_linear)(x, self.w, out, config=config, **kw)
+        return (linear_ref if ref else linear)(x, self.w, out, self.r, config=config, **kw)
+
+    def check(self, config=None):
+        out = torch.full((self.n, self.m), float("nan"), dtype=self.dtype, device="cuda")
+        norm_out = torch.full_like(self.x, float("nan"))
+        x_before = self.x.clone()
+        assert self.call(self.x, config, out, norm_out, fused=True) is out
+        torch.cuda.synchronize()
+        assert torch.equal(self.x, x_before)
+        assert torch.isfinite(out).all(), "the kernel left elements unwritten (NaN) or overflowed"
+        err = max_err(out, self.gold)
+        assert err <= 2 * self.ref_err + self.floor, f"fused error {err:.3g} vs torch {self.ref_err:.3g}"
+        cfg = config or default_config(self.n, self.m, self.k, self.swiglu, split_ok=False)
+        # the same kernel and config on rms_norm's output: the same bits wherever the normalised x matches
+        unfused = self.call(rms_norm(self.x, self.nw, EPS), cfg)
+        same = (out == unfused).double().mean().item()
+        if self.n > 8 or cfg.kernel != "gemv":  # unfused path: norm_out written, results identical
+            assert torch.equal(norm_out, rms_norm(self.x, self.nw, EPS)) and torch.equal(out, unfused)
+        else:  # the row sums of squares add up in another order: a normalised element can differ by one ulp
+            assert same >= (0.98 if self.dtype == torch.bfloat16 else 0.9), f"only {same:.4f} equal rms_norm + linear"
+            assert max_err(out, unfused) <= 2 * self.ref_err + self.floor
+        return out
+
+
+NORM_SHAPES = [(1, 8), (7, 64), (1000, 1000), (2051, 1024), (3072, 2048), (1536, 1024), (5, 8200)]
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["plain", "residual", "swiglu"])
+@pytest.mark.parametrize("m,k", NORM_SHAPES)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 64])
+def test_norm_fused_default_config(n, m, k, mode, dtype):
+    NormProblem(n, m, k, dtype, seed=n * 7919 + m + k, residual=mode == "residual", swiglu=mode == "swiglu").check()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("k", [1024, 2048, 1000])
+def test_norm_fused_normalised_x_is_rms_norm(n, k, dtype):
+    # With W = I the fused kernel returns its normalised x itself (one non-zero product per output, exact).
+    x, nw = make_norm(n, k, dtype, "cuda", seed=n + k)
+    eye = torch.eye(k, dtype=dtype, device="cuda")
+    got = linear(x, eye, norm_weight=nw, norm_eps=EPS, norm_out=torch.empty_like(x))
+    for expect in (rms_norm(x, nw, EPS), rms_norm_ref(x, nw, EPS)):
+        diff = got != expect
+        frac = diff.double().mean().item()
+        assert frac <= 2e-3, f"{frac:.5f} of the normalised elements differ"
+        if diff.any():  # and those by one ulp of the storage type
+            ulp = torch.finfo(dtype).eps * expect[diff].double().abs()
+            assert ((got[diff].double() - expect[diff].double()).abs() <= 1.01 * ulp).all()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
+def test_norm_fused_every_gemv_config(n, swiglu, dtype):
+    failures, ran = [], 0
+    for i, (m, k) in enumerate([(1000, 1000), (300, 2056)]):
+        p = NormProblem(n, m, k, dtype, seed=n * 10 + i, residual=not swiglu, swiglu=swiglu)
+        for cfg in all_configs(n, swiglu):
+            if cfg.kernel != "gemv" or _config_error(cfg, n, m, k, swiglu) is not None:
+                continue
+            try:
+                p.check(cfg)
+            except AssertionError as e:
+                failures.append(f"{cfg} m={m} k={k}: {e}")
+            ran += 1
+    assert ran > 0
+    assert not failures, f"{len(failures)} of {ran} configs failed:\n" + "\n".join(failures[:20])
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16])
+def test_norm_fused_model_shapes(n):
+    for i, (m, k, swiglu) in enumerate([(3072, 2048, False), (8192, 2048, True), (1536, 1024, False),
+                                        (8192, 1024, True)]):
+        NormProblem(n, m, k, torch.bfloat16, seed=i, swiglu=swiglu).check()
+
+
+@pytest.mark.cuda
+@cuda
+def test_norm_unaligned_weight_and_mma_config_take_the_unfused_path():
+    p = NormProblem(4, 1000, 1024, torch.bfloat16, seed=3)
+    p.check(LinearConfig("mma", warps=4, rows=1))
+    buf = torch.empty(1025, dtype=torch.bfloat16, device="cuda")
+    nw = buf[1:]
+    nw.copy_(p.nw)
+    assert not _norm_fuses(p.x, nw)
+    p.nw = nw
+    p.check()
+
+
+def _norm_graph_problems():
+    shapes = [(1, 3072, 2048, False), (1, 8192, 2048, True), (8, 1536, 1024, False), (3, 8192, 1024, True),
+              (16, 1024, 1024, False)]
+    probs, outs, norm_outs = [], [], []
+    for i, (n, m, k, swiglu) in enumerate(shapes):
+        probs.append(NormProblem(n, m, k, torch.bfloat16, seed=40 + i, swiglu=swiglu))
+        outs.append(torch.empty(n, m, dtype=torch.bfloat16, device="cuda"))
+        norm_outs.append(torch.empty(n, k, dtype=torch.bfloat16, device="cuda"))
+
+    def step():
+        for p, o, no in zip(probs, outs, norm_outs):
+            p.call(p.x, out=o, norm_out=no, fused=True)
+
+    return step, outs, [p.x for p in probs]
+
+
+@pytest.mark.cuda
+@cuda
+def test_norm_no_allocation_and_cuda_graph():
+    step, outs, xs = _norm_graph_problems()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
     eager = [o.clone() for o in outs]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -107,13 +107,14 @@ def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, ca
     t_down = tuned_config(tuning, "linear", n, h.shape[1], act.shape[1], False)
     t_rope, t_attn = tuned_config(tuning, "rope", n, H, Hkv, hd), tuned_config(tuning, "attention", n, H, Hkv, hd, S)
     for layer in w.layers:
-        rms_norm(h, layer.attn_norm, w.eps, out=xn)
-        linear(xn, layer.wqkv, out=qkv, workspace=ws, **t_qkv)
+        # The pre-attention and pre-MLP norms run inside the projections (fused when the GEMV runs, else
+        # rms_norm into xn first); xn is scratch here.
+        linear(h, layer.wqkv, out=qkv, workspace=ws, norm_weight=layer.attn_norm, norm_eps=w.eps, norm_out=xn, **t_qkv)
         rope_append(qkv, positions, cache_rows, w.inv_freq, layer.k_cache, layer.v_cache, q, **t_rope)
         decode_attention(q, layer.k_cache, layer.v_cache, cache_rows, lengths, attn, workspace=buf.workspace, **t_attn)
         linear(attn.view(n, -1), layer.wo, out=h, residual=h, workspace=ws, **t_o)
-        rms_norm(h, layer.mlp_norm, w.eps, out=xn)
-        swiglu_linear(xn, layer.w_gate_up, out=act, workspace=ws, **t_up)
+        swiglu_linear(h, layer.w_gate_up, out=act, workspace=ws, norm_weight=layer.mlp_norm, norm_eps=w.eps, norm_out=xn,
+                      **t_up)
         linear(act, layer.w_down, out=h, residual=h, workspace=ws, **t_down)
     rms_norm(h, w.norm, w.eps, out=xn)
     return xn

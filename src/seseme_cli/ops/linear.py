@@ -19,6 +19,14 @@ leaves it zeroed again, so one buffer serves every call on one stream, of any sh
 `linear_workspace_bytes` for each. Without a workspace the default config does not split K. With `out` (and the
 workspace when the config splits) given, a call allocates nothing and never syncs: it can be captured in a
 CUDA graph.
+
+Fused RMSNorm in front (`norm_weight=`, `norm_eps=`, `norm_out=`): the pre-norm blocks' `rms_norm(h, w_norm,
+eps, out=xn); linear(xn, W, out=y)` becomes one call, `linear(h, W, out=y, norm_weight=w_norm, norm_eps=eps,
+norm_out=xn)`. The input is first normalised exactly as `ops.rmsnorm.rms_norm_ref(x, norm_weight, norm_eps)`
+(fp32 norm, rounded to x.dtype, times norm_weight rounded again), then projected. The GEMV kernel (n <= 8) does the
+norm on the fly, one launch, and leaves `norm_out` unspecified (not written); every other path (MMA, torch,
+n > 8, CPU, fallbacks) runs `rms_norm(x, norm_weight, norm_eps, out=norm_out)` and then the plain projection of
+norm_out, so no path allocates. norm_out is required (x's shape and dtype, not overlapping anything else).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
+from .rmsnorm import rms_norm, rms_norm_ref
 
 Tensor = torch.Tensor
 
@@ -235,21 +244,27 @@ def linear_workspace(n: int, m: int, k: int, swiglu: bool = False, config: Linea
 
 
 def linear(x: Tensor, weight: Tensor, out: Tensor | None = None, residual: Tensor | None = None,
-           config: LinearConfig | dict | None = None, workspace: Tensor | None = None) -> Tensor:
+           config: LinearConfig | dict | None = None, workspace: Tensor | None = None, *,
+           norm_weight: Tensor | None = None, norm_eps: float = 1e-5, norm_out: Tensor | None = None) -> Tensor:
     """out = x @ weight.T (+ residual), fp32 accumulation, rounded once.
 
     x: (..., k); weight: (m, k) as nn.Linear stores it; residual: (..., m) or None; out: (..., m) or None
     (allocated). Same dtype everywhere. out may be residual itself (the in-place "x = x + W h" update), never
     overlap x or weight. config: see LinearConfig (validated when given); workspace: see the module doc.
-    Returns out.
+    norm_weight (k,) / norm_eps / norm_out (like x): x is replaced by rms_norm(x, norm_weight, norm_eps) first;
+    norm_out is then required and its content afterwards unspecified (see the module doc). Returns out.
     """
-    return _dispatch(x, weight, out, residual, config, workspace, swiglu=False)
+    return _dispatch(x, weight, out, residual, config, workspace, False, norm_weight, norm_eps, norm_out)
 
 
 def linear_ref(x: Tensor, weight: Tensor, out: Tensor | None = None, residual: Tensor | None = None,
-               config: LinearConfig | dict | None = None, workspace: Tensor | None = None) -> Tensor:
-    """`linear` in plain PyTorch, rounded as the reference model rounds: F.linear, then + residual."""
-    _check_args(x, weight, out, residual, config, swiglu=False)
+               config: LinearConfig | dict | None = None, workspace: Tensor | None = None, *,
+               norm_weight: Tensor | None = None, norm_eps: float = 1e-5, norm_out: Tensor | None = None) -> Tensor:
+    """`linear` in plain PyTorch, rounded as the reference model rounds: F.linear, then + residual (with
+    norm_weight: rms_norm_ref into norm_out first, then the projection of norm_out)."""
+    _check_args(x, weight, out, residual, config, False, norm_weight, norm_out)
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, norm_eps, out=norm_out)
     y = F.linear(x, weight)
     if residual is not None:
         y = residual + y
@@ -257,18 +272,25 @@ def linear_ref(x: Tensor, weight: Tensor, out: Tensor | None = None, residual: T
 
 
 def swiglu_linear(x: Tensor, weight_gate_up: Tensor, out: Tensor | None = None,
-                  config: LinearConfig | dict | None = None, workspace: Tensor | None = None) -> Tensor:
+                  config: LinearConfig | dict | None = None, workspace: Tensor | None = None, *,
+                  norm_weight: Tensor | None = None, norm_eps: float = 1e-5,
+                  norm_out: Tensor | None = None) -> Tensor:
     """out = silu(x @ W_gate.T) * (x @ W_up.T) with weight_gate_up = cat([W_gate, W_up]) of shape (2f, k).
 
-    x: (..., k); out: (..., f) or None. fp32 inside, rounded once. Otherwise as `linear`.
+    x: (..., k); out: (..., f) or None. fp32 inside, rounded once. Otherwise (the fused RMSNorm too) as `linear`.
     """
-    return _dispatch(x, weight_gate_up, out, None, config, workspace, swiglu=True)
+    return _dispatch(x, weight_gate_up, out, None, config, workspace, True, norm_weight, norm_eps, norm_out)
 
 
 def swiglu_linear_ref(x: Tensor, weight_gate_up: Tensor, out: Tensor | None = None,
-                      config: LinearConfig | dict | None = None, workspace: Tensor | None = None) -> Tensor:
-    """`swiglu_linear` in plain PyTorch, as the reference MLP computes it: silu(gate(x)) * up(x)."""
-    _check_args(x, weight_gate_up, out, None, config, swiglu=True)
+                      config: LinearConfig | dict | None = None, workspace: Tensor | None = None, *,
+                      norm_weight: Tensor | None = None, norm_eps: float = 1e-5,
+                      norm_out: Tensor | None = None) -> Tensor:
+    """`swiglu_linear` in plain PyTorch, as the reference MLP computes it: silu(gate(x)) * up(x) (with
+    norm_weight: of x = rms_norm_ref(x) written to norm_out)."""
+    _check_args(x, weight_gate_up, out, None, config, True, norm_weight, norm_out)
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, norm_eps, out=norm_out)
     w_gate, w_up = weight_gate_up.chunk(2, dim=0)
     y = F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
     return y if out is None else out.copy_(y)
@@ -278,23 +300,30 @@ def swiglu_linear_ref(x: Tensor, weight_gate_up: Tensor, out: Tensor | None = No
 
 
 def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None,
-              config: LinearConfig | dict | None, workspace: Tensor | None, swiglu: bool) -> Tensor:
-    cfg = _check_args(x, weight, out, residual, config, swiglu)
+              config: LinearConfig | dict | None, workspace: Tensor | None, swiglu: bool,
+              norm_weight: Tensor | None = None, norm_eps: float = 1e-5, norm_out: Tensor | None = None) -> Tensor:
+    cfg = _check_args(x, weight, out, residual, config, swiglu, norm_weight, norm_out)
     if workspace is not None and (workspace.device != x.device or not workspace.is_contiguous()):
         raise ValueError(f"linear: workspace must be a contiguous tensor on {x.device}, got one on {workspace.device}")
-    if not _kernel_applies(x, weight, out, residual):
-        if swiglu:
-            return swiglu_linear_ref(x, weight, out, cfg)
-        return linear_ref(x, weight, out, residual, cfg)
     k = x.shape[-1]
     m = weight.shape[0] // (2 if swiglu else 1)
     n = x.numel() // k
+    applies = _kernel_applies(x, weight, out, residual)
+    if applies and n > 0 and cfg is None:
+        cfg = default_config(n, m, k, swiglu, split_ok=workspace is not None, sms=_sms(x.device))
+    if norm_weight is not None and not (applies and n > 0 and cfg.kernel == "gemv"
+                                        and _norm_fuses(x, norm_weight)):
+        # Unfused: the norm kernel into norm_out, then the plain projection of norm_out.
+        rms_norm(x, norm_weight, norm_eps, out=norm_out)
+        return _dispatch(norm_out, weight, out, residual, cfg, workspace, swiglu)
+    if not applies:
+        if swiglu:
+            return swiglu_linear_ref(x, weight, out, cfg)
+        return linear_ref(x, weight, out, residual, cfg)
     if out is None:
         out = torch.empty((*x.shape[:-1], m), dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    if cfg is None:
-        cfg = default_config(n, m, k, swiglu, split_ok=workspace is not None, sms=_sms(x.device))
     ws_ptr, ws_bytes = (0, 0)
     if workspace is not None:
         ws_ptr, ws_bytes = workspace.data_ptr(), workspace.numel() * workspace.element_size()
@@ -311,7 +340,8 @@ def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | 
         return out
     index = x.device.index
     args = (out.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if residual is None else residual.data_ptr(),
-            ws_ptr, ws_bytes, n, m, k, swiglu, dtype_code(x.dtype), *cfg.codes(), stream_handle(index))
+            ws_ptr, ws_bytes, n, m, k, swiglu, dtype_code(x.dtype), *cfg.codes(), stream_handle(index),
+            0 if norm_weight is None else norm_weight.data_ptr(), float(norm_eps))
     if index == torch.cuda.current_device():
         kernels_module().linear(*args)
     else:
@@ -328,7 +358,8 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
 
 
 def _check_args(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None,
-                config: LinearConfig | dict | None, swiglu: bool) -> LinearConfig | None:
+                config: LinearConfig | dict | None, swiglu: bool, norm_weight: Tensor | None = None,
+                norm_out: Tensor | None = None) -> LinearConfig | None:
     name = "swiglu_linear" if swiglu else "linear"
     if x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.shape[-1] == 0:
         raise ValueError(f"{name}: need x (..., k) and weight (m, k) with k > 0, got x {tuple(x.shape)} "
@@ -350,10 +381,36 @@ def _check_args(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor 
         if residual is not None and _overlap(out, residual) and (
                 out.data_ptr() != residual.data_ptr() or out.stride() != residual.stride()):
             raise ValueError(f"{name}: out must be residual itself or not overlap it")
+    if norm_weight is not None or norm_out is not None:
+        _check_norm_args(name, x, weight, out, residual, norm_weight, norm_out)
     cfg = _as_config(config)
     if cfg is not None and x.numel() > 0:
         cfg.check(x.numel() // x.shape[-1], m, x.shape[-1], swiglu)
     return cfg
+
+
+def _check_norm_args(name: str, x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None,
+                     norm_weight: Tensor | None, norm_out: Tensor | None) -> None:
+    if norm_weight is None:
+        raise ValueError(f"{name}: norm_out given without norm_weight")
+    k = x.shape[-1]
+    if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype or norm_weight.device != x.device:
+        raise ValueError(f"{name}: norm_weight must be ({k},) {x.dtype} on {x.device}, got "
+                         f"{tuple(norm_weight.shape)} {norm_weight.dtype} on {norm_weight.device}")
+    if norm_out is None:
+        raise ValueError(f"{name}: norm_weight needs norm_out, a buffer like x ({tuple(x.shape)} {x.dtype}) for "
+                         "the normalised input (the unfused paths write it; none allocates)")
+    if norm_out.shape != x.shape or norm_out.dtype != x.dtype or norm_out.device != x.device:
+        raise ValueError(f"{name}: norm_out must be {tuple(x.shape)} {x.dtype} on {x.device}, "
+                         f"got {tuple(norm_out.shape)} {norm_out.dtype} on {norm_out.device}")
+    for what, t in (("x", x), ("weight", weight), ("out", out), ("residual", residual), ("norm_weight", norm_weight)):
+        if t is not None and _overlap(norm_out, t):
+            raise ValueError(f"{name}: norm_out must not overlap {what}")
+
+
+def _norm_fuses(x: Tensor, norm_weight: Tensor) -> bool:
+    """Whether the GEMV kernel can take norm_weight (x already passed _kernel_applies)."""
+    return norm_weight.is_contiguous() and norm_weight.data_ptr() % 16 == 0
 
 
 def _kernel_applies(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None) -> bool:
