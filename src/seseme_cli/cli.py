@@ -64,10 +64,14 @@ def user_errors():
 
 
 class _WarningsToConsole(logging.Handler):
-    """Shows the generator's warnings (logger "seseme") as `warning: ...` lines on stderr."""
+    """Shows the generator's log (logger "seseme") on stderr: warnings as `warning: ...` lines, information
+    (which kernel tuning the engine loaded) as plain dim lines."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        err.print(f"warning: {record.getMessage()}", style="yellow", markup=False)
+        if record.levelno >= logging.WARNING:
+            err.print(f"warning: {record.getMessage()}", style="yellow", markup=False)
+        else:
+            err.print(record.getMessage(), style="dim", markup=False)
 
 
 # --- input checks (all before the model loads) ----------------------------------------------------------
@@ -188,7 +192,8 @@ def load_model(model: str, device_name: str):
     """Load the model with a status line, say so on stderr, and warn loudly about random weights."""
     log = logging.getLogger("seseme")
     if not any(isinstance(h, _WarningsToConsole) for h in log.handlers):
-        log.addHandler(_WarningsToConsole(logging.WARNING))
+        log.addHandler(_WarningsToConsole(logging.INFO))
+        log.setLevel(logging.INFO)
     started = time.perf_counter()
     with err.status(f"loading model {model} on {device_name}..."):
         tts = load_csm_1b_optimized(model, device=device_name)
@@ -381,8 +386,7 @@ def bench(
         for path in (json_path, plot_path):
             if path is not None and not path.parent.is_dir():
                 raise InputError(f"cannot write {path}: {path.parent} is not a directory")
-        with err.status(f"loading {model}"):
-            tts = load_csm_1b_optimized(model, device="cuda")
+        tts = load_model(model, "cuda")
         if tts.engine is None and not tts.uses_engine:
             err.print("warning: no CUDA kernels: timing the reference path", style="yellow", markup=False)
         copy = b.copy_bandwidth_gb_s(tts.device)
