@@ -75,6 +75,14 @@ def make_transformers_model(seed: int = 0, tie_codebooks_embeddings: bool = Fals
     return model
 
 
+@pytest.fixture(scope="module")
+def tts():
+    """The tiny random model on the CPU, one per test module."""
+    from seseme_cli.generator import load_csm_1b_optimized
+
+    return load_csm_1b_optimized("tiny-random", device="cpu")
+
+
 @pytest.fixture(scope="session")
 def hf_tiny(tmp_path_factory):
     """(transformers model, folder it was saved to in the transformers format, with tokenizer files)."""

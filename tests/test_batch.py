@@ -31,16 +31,6 @@ TINY = ["--model", "tiny-random", "--device", "cpu"]
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's barriers make
-    # them ~10x slower; the suite stays fast with one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_jsonl(path: Path, lines) -> Path:
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     return path
@@ -121,11 +111,6 @@ def test_manifest_survives_a_line_cut_short(tmp_path):
 
 
 # --- continuous batching on the engine ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tts():
-    return load_csm_1b_optimized("tiny-random", device="cpu")
-
 
 def works(tts, specs):
     return [Work(i, tts.speech_job(text, 0, [], ms, 0.9, 50, seed), 0.9, 50) for i, (text, ms, seed) in enumerate(specs)]

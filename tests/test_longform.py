@@ -20,21 +20,6 @@ FRAME = 1920
 K = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's barriers make
-    # them ~10x slower; the suite stays fast with one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tts():
-    return load_csm_1b_optimized("tiny-random", device="cpu")
-
-
 # --- splitting --------------------------------------------------------------------------------------------------
 
 def test_short_text_is_one_chunk_unchanged():

@@ -25,21 +25,6 @@ FAST = ["--model", "tiny-random", "--device", "cpu", "--max-audio-ms", "800", "-
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's barriers make
-    # them ~10x slower; the suite stays fast with one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tts():
-    return load_csm_1b_optimized("tiny-random", device="cpu")
-
-
 def codes(frames: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 2048, (frames, K), generator=torch.Generator().manual_seed(seed))
 
