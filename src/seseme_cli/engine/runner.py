@@ -93,6 +93,8 @@ class Engine:
         return graph
 
     def bucket_for(self, n: int) -> int:
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"{n} rows requested; this engine was set up for 1..{self.max_batch}")
         return next(b for b in self.buckets if b >= n)
 
     # --- requests ----------------------------------------------------------------------------------------
