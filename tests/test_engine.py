@@ -166,3 +166,21 @@ def test_steady_state_frames_allocate_nothing(gpu_models):
         engine.step(1)
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+
+
+def test_set_rows_batched_prefill_equals_one_row_at_a_time_cpu():
+    _, model = models("tiny-random", "cpu", torch.float32)
+    engine = Engine(model, max_batch=3, use_graphs=False)
+    prompts = [prompt(11, 9), prompt(12, 15), prompt(13, 4)]
+
+    def run(batched: bool):
+        requests = [(row, t, m, 0.8, 20, 100 + row) for row, (t, m) in enumerate(prompts)]
+        if batched:
+            engine.set_rows(requests)
+        else:
+            for request in requests:
+                engine.set_row(*request)
+        return torch.stack([engine.step(3)[:3].clone() for _ in range(4)])
+
+    one_by_one, together = run(False), run(True)
+    assert torch.equal(one_by_one, together)

@@ -72,13 +72,20 @@ class Scheduler:
         self.stats = Stats()
         dummy = torch.zeros(1, self.K + 1, dtype=torch.long)
         self._park_prompt = (dummy, dummy.bool())
+        # Rows to (re)start, by row: prefilled together right before the next frames (Engine.set_rows).
+        self._pending: dict[int, tuple] = {}
         for row in range(self.B):
             self._park(row)
 
     def _park(self, row: int) -> None:
         tokens, mask = self._park_prompt
-        self.engine.set_row(row, tokens, mask, 0.0, 1, 0)
+        self._pending[row] = (row, tokens, mask, 0.0, 1, 0)
         self.positions[row] = 0
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.engine.set_rows(list(self._pending.values()))
+            self._pending.clear()
 
     def _start(self, row: int, work: Work, on_finished, on_failed) -> None:
         """Put the job's next generation on `row`; when it has none left, hand the job back."""
@@ -92,7 +99,7 @@ class Scheduler:
             self.rows[row] = None
             on_finished(work)
             return
-        self.engine.set_row(row, gen.tokens, gen.mask, work.temperature, work.topk, gen.seed)
+        self._pending[row] = (row, gen.tokens, gen.mask, work.temperature, work.topk, gen.seed)
         self.positions[row] = gen.tokens.shape[0] - 1
         self.rows[row] = _Row(work, gen.max_frames)
 
@@ -124,6 +131,7 @@ class Scheduler:
         for row in range(bucket):
             if self.rows[row] is None and self.positions[row] + k > self.window:
                 self._park(row)
+        self._flush()
         pinned = self.event is not None
         for i in range(k):
             self.host[i, :n].copy_(self.engine.step(n)[:n], non_blocking=pinned)

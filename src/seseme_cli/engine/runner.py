@@ -103,19 +103,35 @@ class Engine:
     def set_row(self, row: int, tokens: torch.Tensor, mask: torch.Tensor, temperature: float, topk: int, seed: int) -> None:
         """Prefill a prompt (T, K+1) into cache row `row`: frames 0..T-2 eagerly, frame T-1 becomes the
         input of the row's first graph step."""
-        model, buf = self.model, self.buf
-        T = tokens.shape[0]
-        x = model.embed_frames(tokens[None].to(self.device), mask[None].to(self.device)).to(buf.emb.dtype)
-        if T > 1:
-            positions = torch.arange(T - 1, device=self.device)[None]
-            model.backbone(x[:, :-1], positions, cache_rows=torch.tensor([row], device=self.device), kv_len=T - 1)
-        buf.emb[row] = x[0, -1]
-        buf.positions[row] = T - 1
-        buf.lengths[row] = T
-        buf.temperature[row] = float(temperature)
-        buf.topk[row] = 1 if temperature <= 0 else int(topk)
-        buf.seeds[row] = int(seed)
-        buf.counters[row] = 0
+        self.set_rows([(row, tokens, mask, temperature, topk, seed)])
+
+    @torch.inference_mode()
+    def set_rows(self, requests, prefill_rows: int = 64) -> None:
+        """`set_row` for many rows at once: [(row, tokens, mask, temperature, topk, seed), ...]. Prompts of
+        different lengths are prefilled together, padded at the end: a padded position writes a cache slot
+        at or after the row's last prompt frame, which its first graph steps overwrite before reading."""
+        model, buf, dev = self.model, self.buf, self.device
+        for start in range(0, len(requests), prefill_rows):
+            group = requests[start : start + prefill_rows]
+            lengths = [r[1].shape[0] for r in group]
+            T = max(lengths)
+            tokens = torch.zeros(len(group), T, self.cfg.num_codebooks + 1, dtype=torch.long)
+            mask = torch.zeros_like(tokens, dtype=torch.bool)
+            for i, (_, t, m, *_rest) in enumerate(group):
+                tokens[i, : t.shape[0]], mask[i, : t.shape[0]] = t, m
+            x = model.embed_frames(tokens.to(dev), mask.to(dev)).to(buf.emb.dtype)
+            rows = torch.tensor([r[0] for r in group], device=dev)
+            if T > 1:
+                positions = torch.arange(T - 1, device=dev).expand(len(group), T - 1)
+                model.backbone(x[:, :-1], positions, cache_rows=rows, kv_len=T - 1)
+            last = torch.tensor(lengths, device=dev) - 1
+            buf.emb[rows] = x[torch.arange(len(group), device=dev), last]
+            buf.positions[rows] = last
+            buf.lengths[rows] = (last + 1).int()
+            buf.temperature[rows] = torch.tensor([float(r[3]) for r in group], device=dev)
+            buf.topk[rows] = torch.tensor([1 if r[3] <= 0 else int(r[4]) for r in group], device=dev, dtype=torch.int32)
+            buf.seeds[rows] = torch.tensor([int(r[5]) for r in group], device=dev)
+            buf.counters[rows] = 0
 
     @torch.inference_mode()
     def step_teacher_forced(self, n: int, teacher) -> torch.Tensor:
