@@ -184,3 +184,17 @@ def test_set_rows_batched_prefill_equals_one_row_at_a_time_cpu():
 
     one_by_one, together = run(False), run(True)
     assert torch.equal(one_by_one, together)
+
+
+def test_a_batch_too_large_for_memory_names_the_largest_that_fits():
+    from seseme_cli.config import csm_1b
+    from seseme_cli.engine.runner import bytes_per_row, check_batch_fits
+    from seseme_cli.errors import InputError
+
+    cfg = csm_1b()
+    per_row = bytes_per_row(cfg, torch.bfloat16)
+    assert 60e6 < per_row < 120e6  # CSM-1B: ~67 MB of backbone KV cache per row, plus activations
+    free = (1 << 30) + 100 * per_row + 1
+    check_batch_fits(cfg, torch.bfloat16, None, 100, free_bytes=free)
+    with pytest.raises(InputError, match="the largest that fits is 100"):
+        check_batch_fits(cfg, torch.bfloat16, None, 101, free_bytes=free)

@@ -31,11 +31,13 @@ def bytes_per_row(cfg, dtype: torch.dtype) -> int:
     return total + 2 * cfg.audio_vocab_size * size
 
 
-def check_batch_fits(cfg, dtype: torch.dtype, device, batch_size: int, reserve_bytes: int = 1 << 30) -> None:
-    """Raise InputError naming the largest batch that fits when `batch_size` does not."""
+def check_batch_fits(cfg, dtype: torch.dtype, device, batch_size: int, reserve_bytes: int = 1 << 30,
+                     free_bytes: int | None = None) -> None:
+    """Raise InputError naming the largest batch that fits when `batch_size` does not (free_bytes: the GPU's
+    free memory, read from the device when not given)."""
     from ..errors import InputError
 
-    free, _ = torch.cuda.mem_get_info(device)
+    free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
     per_row = bytes_per_row(cfg, dtype)
     largest = max(0, int((free - reserve_bytes) // per_row))
     if batch_size > largest:
