@@ -68,7 +68,7 @@ def copy_bandwidth_gb_s(device, size_mb: int = 1024, repeats: int = 20) -> float
 
 def bytes_per_frame(engine, batch: int, position: int) -> int:
     """Bytes one frame must read: every backbone weight once, every depth weight once per depth step, the
-    heads used, and the KV caches up to the current positions."""
+    heads used, the projection once, and the backbone KV caches up to the current positions."""
     w, cfg = engine.weights, engine.cfg
     K = cfg.num_codebooks
 
@@ -77,7 +77,8 @@ def bytes_per_frame(engine, batch: int, position: int) -> int:
 
     head = w.audio_heads[0].numel() * w.audio_heads.element_size()
     weights = stack_bytes(w.backbone) + w.c0_head.numel() * w.c0_head.element_size()
-    weights += (K - 1) * (stack_bytes(w.depth) + w.projection.numel() * w.projection.element_size() + head)
+    # The projection runs once per frame (on the backbone state); codes enter through the projected table.
+    weights += (K - 1) * (stack_bytes(w.depth) + head) + w.projection.numel() * w.projection.element_size()
     bb = cfg.backbone
     kv = 2 * bb.num_layers * batch * position * bb.num_kv_heads * bb.head_dim * w.c0_head.element_size()
     return weights + kv
