@@ -60,29 +60,6 @@ struct AttnArgs {
 
 
 
-// 8 elements of a 16-byte raw load as floats. bf16 -> fp32 is a shift or a mask per element.
-template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[8]);
-template <>
-__device__ __forceinline__ void unpack8<__nv_bfloat16>(const uint4& raw, float (&f)[8]) {
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        f[2 * i] = __uint_as_float(w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-template <>
-__device__ __forceinline__ void unpack8<__half>(const uint4& raw, float (&f)[8]) {
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-        f[2 * i] = v.x;
-        f[2 * i + 1] = v.y;
-    }
-}
-
 // A 16-byte read-only load that does not allocate in L1 (each K/V byte is read once). Note (SASS, nvcc 13,
 // sm_90): the PTX issues an iteration's K and V loads together, but ptxas sinks the V loads below the q.k
 // shuffles, so a warp has ~half its bytes in flight at a time and relies on its neighbours to cover.

@@ -109,6 +109,8 @@ const char* launch_linear(void* out, const void* x, const void* weight, const vo
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "numeric.cuh"
+
 namespace seseme_linear {
 
 // What a kernel launcher gets; sizes already checked by launch_linear.
@@ -132,19 +134,6 @@ const char* launch_mma(const Args& a);
 
 __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
 
-template <typename T>
-__device__ __forceinline__ float to_f32(T v);
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
 // The epilogue every kernel shares: one output element from its fp32 accumulator(s), rounded once.
 template <typename T, bool SWIGLU>

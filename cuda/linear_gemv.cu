@@ -31,25 +31,6 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
     return v;
 }
 
-__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8], __nv_bfloat16) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {  // bf16 is the top half of an fp32
-        f[2 * i] = __uint_as_float(w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-
-__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8], __half) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 t = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-        f[2 * i] = t.x;
-        f[2 * i + 1] = t.y;
-    }
-}
-
 // Transpose-reduce of C values per lane over the lanes of the warp. Each stage halves the values a lane keeps:
 // lanes with bit OFF set keep the upper half and send the lower. Afterwards a lane holds max(1, C/32) complete
 // sums in v[0..], for the value indices lane_base(lane) + j.
@@ -182,7 +163,7 @@ __global__ void __launch_bounds__(256, 1) gemv_kernel(T* out, const T* __restric
             for (int j = 0; j < NT; j++) {
                 if (j >= n) break;  // uniform
                 float f[8];
-                unpack8(__ldg(reinterpret_cast<const uint4*>(x + (size_t)j * k) + p), f, T());
+                unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + (size_t)j * k) + p), f);
 #pragma unroll
                 for (int e = 0; e < 8; e++) ss[j] = fmaf(f[e], f[e], ss[j]);
             }
@@ -230,7 +211,7 @@ __global__ void __launch_bounds__(256, 1) gemv_kernel(T* out, const T* __restric
         for (int u = 0; u < U; u++) {
             float wf[RW][8];
 #pragma unroll
-            for (int i = 0; i < RW; i++) unpack8(wv[i][u], wf[i], T());
+            for (int i = 0; i < RW; i++) unpack8<T>(wv[i][u], wf[i]);
 #pragma unroll
             for (int j = 0; j < NT; j++) {
                 if (j >= n) break;  // uniform across the block
@@ -241,9 +222,9 @@ __global__ void __launch_bounds__(256, 1) gemv_kernel(T* out, const T* __restric
                     else xp = load_x(x, k, npk, j, p0 + u * 32, full, n);
                     norm8(xp, nv[u], inv[j], xf, T());
                 } else if constexpr (kPreloadX) {
-                    unpack8(xv[j][u], xf, T());
+                    unpack8<T>(xv[j][u], xf);
                 } else {
-                    unpack8(load_x(x, k, npk, j, p0 + u * 32, full, n), xf, T());
+                    unpack8<T>(load_x(x, k, npk, j, p0 + u * 32, full, n), xf);
                 }
 #pragma unroll
                 for (int i = 0; i < RW; i++)
