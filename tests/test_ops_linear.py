@@ -408,15 +408,9 @@ def test_no_allocation_with_preallocated_buffers():
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
 
 
-@pytest.mark.cuda
-@cuda
-def test_cuda_graph_capture_and_replay():
-    step, outs, xs, _ = _graph_problems()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (attribute setup) outside capture, on a side stream as torch advises
-        step()
-    torch.cuda.current_stream().wait_stream(side)
+def assert_graph_replays_eager(step, outs, xs):
+    """Capture `step` (already warmed up, outputs `outs` holding its eager result), replay it into NaN-poisoned
+    outputs: equal to eager; then with new inputs copied into `xs`: equal to an eager run on them."""
     eager = [o.clone() for o in outs]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -436,6 +430,18 @@ def test_cuda_graph_capture_and_replay():
     torch.cuda.synchronize()
     for o, e in zip(outs, replayed):
         assert torch.equal(o, e)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_capture_and_replay():
+    step, outs, xs, _ = _graph_problems()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (attribute setup) outside capture, on a side stream as torch advises
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    assert_graph_replays_eager(step, outs, xs)
 
 
 # ---------------------------------------------------------------------------------------------- fused RMSNorm
@@ -667,22 +673,4 @@ def test_norm_no_allocation_and_cuda_graph():
         step()
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
-    eager = [o.clone() for o in outs]
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for o in outs:
-        o.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    for o, e in zip(outs, eager):
-        assert torch.equal(o, e)
-    for x in xs:  # new inputs in the same buffers: the replay must see them
-        x.copy_(torch.randn_like(x))
-    graph.replay()
-    torch.cuda.synchronize()
-    replayed = [o.clone() for o in outs]
-    step()
-    torch.cuda.synchronize()
-    for o, e in zip(outs, replayed):
-        assert torch.equal(o, e)
+    assert_graph_replays_eager(step, outs, xs)
