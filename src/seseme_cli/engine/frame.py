@@ -28,7 +28,7 @@ class StackBuffers:
         def new(*shape):
             return torch.empty(shape, device=device, dtype=dtype)
 
-        self.h = new(rows, cfg.dim)  # residual stream
+        self.h = new(rows, cfg.dim)  # residual stream (the backbone's holds the next frame's embedding between frames)
         self.xn = new(rows, cfg.dim)  # normed input of the next projection
         self.qkv = new(rows, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
         self.q = new(rows, cfg.num_heads, cfg.head_dim)
@@ -47,14 +47,13 @@ class FrameBuffers:
             return torch.empty(shape, device=device, dtype=dt)
 
         # Per-row request state, written by the runner between frames.
-        self.positions = torch.zeros(B, device=device, dtype=torch.long)  # backbone position of `emb`
+        self.positions = torch.zeros(B, device=device, dtype=torch.long)  # backbone position of the frame in backbone.h
         self.lengths = torch.ones(B, device=device, dtype=torch.int32)  # = positions + 1
         self.rows = torch.arange(B, device=device, dtype=torch.int32)
         self.temperature = torch.ones(B, device=device, dtype=torch.float32)
         self.topk = torch.ones(B, device=device, dtype=torch.int32)
         self.seeds = torch.zeros(B, device=device, dtype=torch.long)
         self.counters = torch.zeros(B, device=device, dtype=torch.long)  # frames sampled so far, per row
-        self.emb = new(B, cfg.backbone.dim)  # input of the next backbone step
 
         self.backbone = StackBuffers(cfg.backbone, B, device, dtype)
         self.depth = StackBuffers(cfg.depth, 2 * B, device, dtype)  # depth step 0 has two tokens per row
@@ -146,7 +145,6 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     t_sample = tuned_config(tuning, "sampling", b, V)
 
     # Backbone: one position per row, then codebook 0.
-    buf.backbone.h[:b].copy_(buf.emb[:b])
     hidden = run_stack(w.backbone, buf.backbone, b, buf.positions[:b], buf.lengths[:b], buf.rows[:b], ws, tuning)
     linear(hidden, w.c0_head, out=logits, workspace=ws, **t_c0)
     sample_topk_philox(logits, temperature, topk, seeds, counters, 0, codes[0], **t_sample)
@@ -174,7 +172,7 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
 
     # The finished frame: row-major copy, its embedding for the next backbone step, and the row state.
     buf.frame_codes[:b].copy_(codes.T)
-    embed_codes(buf.frame_codes[:b], w.audio_embed, buf.emb[:b], V)
+    embed_codes(buf.frame_codes[:b], w.audio_embed, buf.backbone.h[:b], V)
     buf.positions[:b].add_(1)
     buf.lengths[:b].add_(1)
     buf.counters[:b].add_(1)

@@ -121,13 +121,13 @@ class Engine:
             mask = torch.zeros_like(tokens, dtype=torch.bool)
             for i, (_, t, m, *_rest) in enumerate(group):
                 tokens[i, : t.shape[0]], mask[i, : t.shape[0]] = t, m
-            x = model.embed_frames(tokens.to(dev), mask.to(dev)).to(buf.emb.dtype)
+            x = model.embed_frames(tokens.to(dev), mask.to(dev)).to(buf.backbone.h.dtype)
             rows = torch.tensor([r[0] for r in group], device=dev)
             if T > 1:
                 positions = torch.arange(T - 1, device=dev).expand(len(group), T - 1)
                 model.backbone(x[:, :-1], positions, cache_rows=rows, kv_len=T - 1)
             last = torch.tensor(lengths, device=dev) - 1
-            buf.emb[rows] = x[torch.arange(len(group), device=dev), last]
+            buf.backbone.h[rows] = x[torch.arange(len(group), device=dev), last]  # the first graph step's input
             buf.positions[rows] = last
             buf.lengths[rows] = (last + 1).int()
             buf.temperature[rows] = torch.tensor([float(r[3]) for r in group], device=dev)
