@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from .errors import SesemeError
+from .generator import EOS_CHECK_EVERY
 from .longform import SpeechJob
 
-CHECK_EVERY = 8  # frames between host syncs: EOS tests, refills
+CHECK_EVERY = EOS_CHECK_EVERY  # frames between host syncs: EOS tests, refills
 
 
 @dataclass
