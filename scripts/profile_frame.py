@@ -1,0 +1,116 @@
+"""Where the time goes (a diagnostic, not a benchmark: `seseme bench` is the benchmark). On a CUDA GPU with
+the random CSM-1B model: the GPU time of one frame's kernels (eager, profiler) against one graph replay (the
+difference is launch gaps), the parts of time to first frame and time to first audio, and Mimi's speed.
+Usage: python scripts/profile_frame.py [batch ...]"""
+
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from seseme_cli import load_csm_1b_optimized
+from seseme_cli.bench import bench_prompt
+from seseme_cli.engine.frame import run_frame
+from seseme_cli.longform import Generation
+from seseme_cli.streaming import StreamDecoder, stream_generation
+
+
+def wall(fn, repeats=7):
+    """Median host wall time of fn() with the GPU synchronized before and after, ms (first call dropped)."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[1:])
+
+
+def kernel_table(fn, top=12):
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events) / 1e3
+    count = sum(e.count for e in events)
+    rows = sorted(events, key=lambda e: -e.self_device_time_total)[:top]
+    return total, count, [(e.key[:70], e.count, e.self_device_time_total / 1e3) for e in rows]
+
+
+@torch.inference_mode()
+def frame_profile(tts, b):
+    tts.setup_caches(b)
+    eng = tts.engine
+    tokens, mask = bench_prompt(tts)
+    eng.set_rows([(r, tokens, mask, 0.9, 50, r) for r in range(b)])
+    bucket = eng.bucket_for(b)
+    for _ in range(5):
+        eng.step(b)
+    graph_ms = wall(lambda: [eng.step(b) for _ in range(20)]) / 20
+    eager = lambda: run_frame(eng.weights, eng.buf, eng.schedules[bucket], bucket)  # noqa: E731
+    eager_ms = wall(eager)
+    total, count, rows = kernel_table(eager)
+    print(f"batch {b}: graph replay {graph_ms:.3f} ms/frame, eager {eager_ms:.2f} ms; kernels of one eager frame: "
+          f"{count} launches, {total:.3f} ms of GPU time -> gaps in the graph ~{graph_ms - total:.3f} ms")
+    for key, n, ms in rows:
+        print(f"   {ms:8.3f} ms  {n:5d}x  {key}")
+
+
+@torch.inference_mode()
+def first_frame_parts(tts):
+    tts.setup_caches(1)
+    eng = tts.engine
+    tokens, mask = bench_prompt(tts)
+    prefill = wall(lambda: eng.set_row(0, tokens, mask, 0.9, 50, 0))
+    step = wall(lambda: eng.step(1).cpu())
+    total, count, rows = kernel_table(lambda: eng.set_row(0, tokens, mask, 0.9, 50, 0))
+    print(f"time to first frame parts ({tokens.shape[0]} prompt frames): prefill {prefill:.2f} ms "
+          f"({count} kernels, {total:.2f} ms GPU), first step + copy {step:.2f} ms")
+
+
+def first_audio_parts(tts):
+    tts.setup_caches(1)
+    codes = torch.randint(0, 2048, (16, tts.config.num_codebooks))
+    dec = StreamDecoder(tts.codec)
+
+    def enter_decode_exit(n):
+        with dec:
+            for i in range(n):
+                dec.decode(codes[i : i + 1])
+
+    enter = wall(lambda: enter_decode_exit(0))
+    one = wall(lambda: enter_decode_exit(1))
+    eight = wall(lambda: enter_decode_exit(8))
+    print(f"Mimi streaming: enter+exit {enter:.2f} ms, + first 1-frame decode {one - enter:.2f} ms, "
+          f"later 1-frame decodes {(eight - one) / 7:.2f} ms each")
+    tokens, mask = bench_prompt(tts)
+
+    def first_audio():
+        stream = stream_generation(tts, Generation(tokens, mask, 50, 0), first_chunk_frames=1)
+        next(stream)
+        stream.close()
+
+    print(f"time to first audio (whole path) {wall(first_audio):.2f} ms")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        first_audio()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
+def mimi_batch(tts, requests=40, frames=25):
+    codes = torch.randint(0, 2048, (requests, tts.config.num_codebooks, frames), device=tts.device)
+    with torch.inference_mode():
+        ms = wall(lambda: tts.codec.decode(codes))
+    audio_s = requests * frames * 0.08
+    print(f"Mimi one-shot decode of {requests} x {frames} frames: {ms:.1f} ms, {audio_s / ms * 1e3:.0f}x real time")
+
+
+if __name__ == "__main__":
+    tts = load_csm_1b_optimized("random", "cuda")
+    for b in [int(a) for a in sys.argv[1:]] or [1]:
+        frame_profile(tts, b)
+    first_frame_parts(tts)
+    first_audio_parts(tts)
+    mimi_batch(tts)
