@@ -23,6 +23,7 @@
 // Registers (sm_90, ptxas 13.0): 122-196 for CSM's shapes (4 heads per block, keys_per_iter 1-8), no spills
 // in any instantiation; keys_per_iter * heads per block > 32 is rejected (it would spill).
 #include "attention.cuh"
+#include "launch.cuh"
 #include "numeric.cuh"
 
 #include <cuda_bf16.h>
@@ -87,6 +88,8 @@ __device__ __forceinline__ float safe_base(float m) { return m == -INFINITY ? 0.
 // the chunk's real count may be lower); U: keys each lane group loads per iteration.
 template <typename T, int LP, int REP, int U>
 __global__ void __launch_bounds__(kAttnMaxThreads, 1) decode_attention_kernel(const AttnArgs a) {
+    wait_for_inputs();  // before any read of activations or write (cuda/launch.cuh)
+    let_next_kernel_start();
     extern __shared__ float smem[];  // per warp: m, l, acc[LP * 8]
     const int split = blockIdx.x, num_splits = gridDim.x;
     const int g = blockIdx.y / a.head_chunks, chunk = blockIdx.y - g * a.head_chunks;
@@ -275,6 +278,8 @@ template <typename T>
 __global__ void attention_combine_kernel(T* __restrict__ out, const float* __restrict__ ws_o,
                                          const float* __restrict__ ws_ml, int64_t items, int head_dim,
                                          int num_splits) {
+    wait_for_inputs();  // before any read of activations or write (cuda/launch.cuh)
+    let_next_kernel_start();
     const int quads = head_dim / 4;
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= items * quads) return;
@@ -304,19 +309,13 @@ __global__ void attention_combine_kernel(T* __restrict__ out, const float* __res
 // ----------------------------------------------------------------------------------------------------
 // launchers
 
-const char* last_error() {
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 template <typename T, int LP, int REP, int U>
 const char* launch_kernel(const AttnArgs& a, dim3 grid, int threads, cudaStream_t stream) {
     if constexpr (REP * U > kAttnMaxRepTimesKeys) {  // would spill: not instantiated
         return "decode_attention: keys_per_iter * heads per block (rounded up to a power of two) must be <= 32";
     } else {
         const size_t smem = (size_t)(threads / 32) * (LP * 8 + 2) * sizeof(float);
-        decode_attention_kernel<T, LP, REP, U><<<grid, threads, smem, stream>>>(a);
-        return last_error();
+        return launch_error(launch(decode_attention_kernel<T, LP, REP, U>, grid, dim3(threads), smem, stream, a));
     }
 }
 
@@ -363,10 +362,9 @@ const char* launch_typed(const AttnArgs& a, int num_splits, int threads, int u, 
     const int64_t items = (int64_t)a.rows * a.heads;
     const int64_t total = items * (a.head_dim / 4);
     constexpr int kCombineThreads = 256;
-    attention_combine_kernel<T><<<(unsigned)((total + kCombineThreads - 1) / kCombineThreads), kCombineThreads, 0,
-                                  stream>>>(static_cast<T*>(a.out), a.ws_o, a.ws_ml, items, a.head_dim,
-                                            num_splits);
-    return last_error();
+    return launch_error(launch(attention_combine_kernel<T>, dim3((unsigned)((total + kCombineThreads - 1) / kCombineThreads)),
+                               dim3(kCombineThreads), 0, stream, static_cast<T*>(a.out), a.ws_o, a.ws_ml, items,
+                               a.head_dim, num_splits));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

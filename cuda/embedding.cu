@@ -8,6 +8,7 @@
 // the gathered rows. The table is read through the read-only path; a frame touches 32 scattered rows, so
 // there is no reuse to stage.
 #include "embedding.cuh"
+#include "launch.cuh"
 #include "numeric.cuh"
 
 #include <cuda_bf16.h>
@@ -32,6 +33,8 @@ template <typename T, int N, typename Code>
 __global__ void __launch_bounds__(kEmbedMaxThreads, 2)
     embed_codes_kernel(T* __restrict__ out, const Code* __restrict__ codes, const T* __restrict__ table,
                        int num_codebooks, int vocab, int dim) {
+    wait_for_inputs();  // before any read of activations or write (cuda/launch.cuh)
+    let_next_kernel_start();
     __shared__ int64_t offset[kEmbedMaxCodebooks];  // element offset of each codebook's table row
     const int row = blockIdx.x;
     for (int k = threadIdx.x; k < num_codebooks; k += blockDim.x) {
@@ -74,7 +77,7 @@ __global__ void __launch_bounds__(kEmbedMaxThreads, 2)
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T, int N, typename Code>
-void launch_shape(T* out, const Code* codes, const T* table, int64_t rows, int64_t num_codebooks, int64_t vocab,
+cudaError_t launch_shape(T* out, const Code* codes, const T* table, int64_t rows, int64_t num_codebooks, int64_t vocab,
                   int64_t dim, int threads, cudaStream_t stream) {
     const int64_t npacks = dim / N;
     if (threads == 0) {
@@ -82,8 +85,8 @@ void launch_shape(T* out, const Code* codes, const T* table, int64_t rows, int64
         threads = threads > kDefaultThreads ? kDefaultThreads : threads;
     }
     const dim3 grid((unsigned)rows, (unsigned)((npacks + threads - 1) / threads));
-    embed_codes_kernel<T, N, Code><<<grid, threads, 0, stream>>>(out, codes, table, (int)num_codebooks, (int)vocab,
-                                                                 (int)dim);
+    return launch(embed_codes_kernel<T, N, Code>, grid, dim3(threads), 0, stream, out, codes, table, (int)num_codebooks,
+                  (int)vocab, (int)dim);
 }
 
 template <typename T, typename Code>
@@ -91,15 +94,8 @@ const char* launch_typed(void* out, const void* codes, const void* table, int64_
                          int64_t vocab, int64_t dim, int threads, cudaStream_t stream) {
     constexpr int N = 16 / sizeof(T);
     const bool vec = dim % N == 0 && aligned16(out) && aligned16(table);
-    if (vec) {
-        launch_shape<T, N, Code>((T*)out, (const Code*)codes, (const T*)table, rows, num_codebooks, vocab, dim,
-                                 threads, stream);
-    } else {
-        launch_shape<T, 1, Code>((T*)out, (const Code*)codes, (const T*)table, rows, num_codebooks, vocab, dim,
-                                 threads, stream);
-    }
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+    return launch_error((vec ? launch_shape<T, N, Code> : launch_shape<T, 1, Code>)(
+        (T*)out, (const Code*)codes, (const T*)table, rows, num_codebooks, vocab, dim, threads, stream));
 }
 
 template <typename T>

@@ -109,6 +109,7 @@ const char* launch_linear(void* out, const void* x, const void* weight, const vo
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "launch.cuh"
 #include "numeric.cuh"
 
 namespace seseme_linear {

@@ -96,8 +96,6 @@ __device__ __forceinline__ void norm8(const uint4& xv, const uint4& wv, float in
     }
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-
 // Pack p of x row j, zeros past the row or past n (uniform branches).
 template <typename T>
 __device__ __forceinline__ uint4 load_x(const T* __restrict__ x, int k, int npk, int j, int p, bool full, int n) {
@@ -142,19 +140,24 @@ __global__ void __launch_bounds__(256, 1) gemv_kernel(T* out, const T* __restric
     // the weights' DRAM latency instead of following it (not for the largest NORM tile: it would spill).
     constexpr bool kPreloadX = NT * U <= 16 && !(NORM && V >= 64);
 
+    // The first weight step towards L2 (no registers held) while the previous kernel finishes (cuda/launch.cuh)
+    // and, with NORM, while the block reduces.
+    if (ks < nchunks && (lane & 7) == 0) {  // one lane per 128-byte line
+        const int p0 = ks * kChunk + lane;
+#pragma unroll
+        for (int i = 0; i < RW; i++)
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                if (p0 + u * 32 < npk) prefetch_l2(wrow[i] + (size_t)(p0 + u * 32) * 8);
+    }
+    wait_for_inputs();
+    let_next_kernel_start();
+
     // NORM: 1 / rms of each x row (the same in every thread), reduced by the whole block while the first weight
     // step is in flight.
     float inv[NORM ? NT : 1];
     if constexpr (NORM) {
         __shared__ float sq_part[8][NT];  // [warp][x row]
-        if (ks < nchunks) {  // the first weight step towards L2 while the block reduces (no registers held)
-            const int p0 = ks * kChunk + lane;
-#pragma unroll
-            for (int i = 0; i < RW; i++)
-#pragma unroll
-                for (int u = 0; u < U; u++)
-                    if (p0 + u * 32 < npk) prefetch_l2(wrow[i] + (size_t)(p0 + u * 32) * 8);
-        }
         float ss[NT];
 #pragma unroll
         for (int j = 0; j < NT; j++) ss[j] = 0.f;
@@ -278,16 +281,11 @@ const char* run(const Args& a) {
     const int groups = a.cfg.warps / a.cfg.split_k;
     const int64_t row_groups = (a.m + R - 1) / R;
     const int64_t blocks = (row_groups + groups - 1) / groups;
-    if (a.norm_weight != nullptr)
-        gemv_kernel<T, NT, R, U, SWIGLU, true><<<(unsigned)blocks, a.cfg.warps * 32, 0, a.stream>>>(
-            (T*)a.out, (const T*)a.x, (const T*)a.weight, (const T*)a.residual, a.n, a.m, a.k, a.cfg.split_k,
-            (const T*)a.norm_weight, a.norm_eps);
-    else
-        gemv_kernel<T, NT, R, U, SWIGLU, false><<<(unsigned)blocks, a.cfg.warps * 32, 0, a.stream>>>(
-            (T*)a.out, (const T*)a.x, (const T*)a.weight, (const T*)a.residual, a.n, a.m, a.k, a.cfg.split_k,
-            nullptr, 0.f);  // new parameters last: the plain kernels' code is as before
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+    const bool norm = a.norm_weight != nullptr;
+    return launch_error(launch(norm ? gemv_kernel<T, NT, R, U, SWIGLU, true> : gemv_kernel<T, NT, R, U, SWIGLU, false>,
+                               dim3((unsigned)blocks), dim3(a.cfg.warps * 32), 0, a.stream, (T*)a.out, (const T*)a.x,
+                               (const T*)a.weight, (const T*)a.residual, a.n, a.m, a.k, a.cfg.split_k,
+                               (const T*)a.norm_weight, norm ? a.norm_eps : 0.f));
 }
 
 // The (rows, unroll) pairs compiled: weight loads in flight per lane = rows * unroll (* 2 for SwiGLU) <= 16.

@@ -121,6 +121,16 @@ __global__ void __launch_bounds__(256, 1) mma_kernel(T* out, const T* __restrict
 #pragma unroll
             for (int q = 0; q < 4; q++) c[i][j][q] = 0.f;
 
+    // The pipeline's first weight chunks towards L2 while the previous kernel finishes (cuda/launch.cuh).
+    // One thread of the 8 that share a 128-byte row asks for it.
+    for (int s = 0; u == 0 && s < stages - 1 && s < nch && (c_begin + s) * kBK < k; s++) {
+#pragma unroll
+        for (int j = 0; j < 4 * MW; j++)
+            if (wok[j]) prefetch_l2(wsrc[j] + (c_begin + s) * kBK);
+    }
+    wait_for_inputs();
+    let_next_kernel_start();
+
     for (int s = 0; s < stages - 1; s++) {
         if (s < nch) load_chunk(c_begin + s, s);
         cp_async_commit();
@@ -269,11 +279,9 @@ const char* run(const Args& a) {
         counters = static_cast<int*>(a.workspace);
         partials = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + kLinearMaxCounters * sizeof(int));
     }
-    kernel<<<dim3((unsigned)tiles, (unsigned)splits), a.cfg.warps * 32, smem, a.stream>>>(
-        (T*)a.out, (const T*)a.x, (const T*)a.weight, (const T*)a.residual, partials, counters, a.n, a.m, a.k,
-        per_split, a.cfg.stages);
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+    return launch_error(launch(kernel, dim3((unsigned)tiles, (unsigned)splits), dim3(a.cfg.warps * 32), smem, a.stream,
+                               (T*)a.out, (const T*)a.x, (const T*)a.weight, (const T*)a.residual, partials, counters,
+                               a.n, a.m, a.k, per_split, a.cfg.stages));
 }
 
 // The (NT8, MW) pairs compiled: accumulators MW * NT8 * 4 <= 64 registers; SwiGLU needs MW even.

@@ -9,6 +9,7 @@
 // sits in registers between the sum-of-squares pass and the output pass; longer rows keep their first
 // kCache packs in registers and read the rest back (from L1/L2: this thread just touched them).
 #include "rmsnorm.cuh"
+#include "launch.cuh"
 #include "numeric.cuh"
 
 #include <cuda_bf16.h>
@@ -85,6 +86,8 @@ __device__ __forceinline__ void store_out(T* out, const T* weight, const float (
 template <typename T, int N>
 __global__ void rms_norm_kernel(T* out, const T* x, const T* residual, T* residual_out, const T* weight,
                                 int dim, float eps) {
+    wait_for_inputs();  // before any read of activations or write (cuda/launch.cuh)
+    let_next_kernel_start();
     const size_t row = (size_t)blockIdx.x * dim;
     const int npacks = dim / N;
     x += row;
@@ -136,15 +139,9 @@ const char* launch_typed(void* out, const void* x, const void* residual, void* r
                      (residual == nullptr || (aligned16(residual) && aligned16(residual_out)));
     const int npacks = (int)(vec ? dim / N : dim);
     const int threads = npacks >= kMaxThreads ? kMaxThreads : (npacks + 31) / 32 * 32;
-    if (vec) {
-        rms_norm_kernel<T, N><<<(unsigned)rows, threads, 0, stream>>>(
-            (T*)out, (const T*)x, (const T*)residual, (T*)residual_out, (const T*)weight, (int)dim, eps);
-    } else {
-        rms_norm_kernel<T, 1><<<(unsigned)rows, threads, 0, stream>>>(
-            (T*)out, (const T*)x, (const T*)residual, (T*)residual_out, (const T*)weight, (int)dim, eps);
-    }
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+    return launch_error(launch(vec ? rms_norm_kernel<T, N> : rms_norm_kernel<T, 1>, dim3((unsigned)rows), dim3(threads), 0,
+                               stream, (T*)out, (const T*)x, (const T*)residual, (T*)residual_out, (const T*)weight,
+                               (int)dim, eps));
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 // threads. The angle is float(position) * inv_freq in fp32 and cos/sin are the accurate sincosf (angles reach
 // ~2048 rad), as torch computes them in the reference; the rotation is done in fp32 and rounded once.
 #include "rope.cuh"
+#include "launch.cuh"
 #include "numeric.cuh"
 
 #include <cuda_bf16.h>
@@ -36,6 +37,8 @@ __global__ void __launch_bounds__(kRopeMaxThreads)
                        const void* __restrict__ cache_rows, bool cache_rows_int32,
                        const float* __restrict__ inv_freq, int64_t items, int heads, int kv_heads, int head_dim,
                        int64_t cache_batch, int64_t cache_len) {
+    wait_for_inputs();  // before any read of activations or write (cuda/launch.cuh)
+    let_next_kernel_start();
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= items) return;
     const int half = head_dim / 2;
@@ -89,11 +92,9 @@ const char* launch_p(void* q_out, void* k_cache, void* v_cache, const void* qkv,
     const int64_t items = rows * (heads + 2 * kv_heads) * (head_dim / 2 / P);
     const int64_t blocks = (items + threads - 1) / threads;
     if (blocks > 0x7fffffff) return "rope_append: too many rows";
-    rope_append_kernel<T, P><<<(unsigned)blocks, threads, 0, stream>>>(
-        (T*)q_out, (T*)k_cache, (T*)v_cache, (const T*)qkv, positions, positions_int32, cache_rows,
-        cache_rows_int32, inv_freq, items, heads, kv_heads, head_dim, cache_batch, cache_len);
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+    return launch_error(launch(rope_append_kernel<T, P>, dim3((unsigned)blocks), dim3(threads), 0, stream, (T*)q_out,
+                               (T*)k_cache, (T*)v_cache, (const T*)qkv, positions, positions_int32, cache_rows,
+                               cache_rows_int32, inv_freq, items, heads, kv_heads, head_dim, cache_batch, cache_len));
 }
 
 template <typename T>

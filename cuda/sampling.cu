@@ -14,6 +14,7 @@
 // whole. Each thread then draws one Philox block per 4 consecutive entries and the block takes the argmax
 // of (race key, -index) packed into one 64-bit integer, which also settles ties towards the first index.
 #include "sampling.cuh"
+#include "launch.cuh"
 #include "numeric.cuh"
 
 #include <cuda_bf16.h>
@@ -192,6 +193,8 @@ __global__ void __launch_bounds__(kSampleMaxThreads, 1)
                               const float* __restrict__ temperature, const int32_t* __restrict__ topk,
                               const int64_t* __restrict__ seeds, const int64_t* __restrict__ counters,
                               uint32_t codebook) {
+    wait_for_inputs();  // before any read of activations or write (cuda/launch.cuh)
+    let_next_kernel_start();
     extern __shared__ float4 xs4[];  // the row as fp32, padded to whole groups of 4
     const int row = blockIdx.x;
     const T* l = logits + row * row_stride;
@@ -256,10 +259,8 @@ const char* launch_typed(int64_t* out, const void* logits, int64_t rows, int64_t
         threads = threads < 32 ? 32 : threads > kSampleMaxThreads ? kSampleMaxThreads : threads;
     }
     const size_t smem = (size_t)groups * sizeof(float4);
-    sample_topk_philox_kernel<T><<<(unsigned)rows, threads, smem, stream>>>(
-        out, (const T*)logits, (int)vocab, row_stride, temperature, topk, seeds, counters, codebook);
-    const cudaError_t err = cudaGetLastError();
-    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+    return launch_error(launch(sample_topk_philox_kernel<T>, dim3((unsigned)rows), dim3(threads), smem, stream, out,
+                               (const T*)logits, (int)vocab, row_stride, temperature, topk, seeds, counters, codebook));
 }
 
 }  // namespace
