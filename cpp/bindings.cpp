@@ -13,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "../cuda/pdl_probe.cuh"
 #include "../cuda/rmsnorm.cuh"
 #include "check.h"
 #include "families.h"
@@ -75,6 +76,17 @@ void rms_norm(uintptr_t out, uintptr_t x, uintptr_t residual, uintptr_t residual
 #endif
 }
 
+void pdl_probe(uintptr_t times, int64_t spin_ns, uintptr_t stream) {
+#if !SESEME_WITH_CUDA
+    no_cuda();
+#else
+    check(times != 0 && times % 8 == 0, "pdl_probe: times must be an aligned device pointer to 3 int64");
+    check(spin_ns >= 0 && spin_ns <= 1000000000, "pdl_probe: spin_ns must be in [0, 1e9]");
+    const char* err = launch_pdl_probe(reinterpret_cast<int64_t*>(times), spin_ns, stream);
+    if (err != nullptr) throw std::runtime_error(std::string("pdl_probe launch failed: ") + err);
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -89,6 +101,9 @@ PYBIND11_MODULE(_kernels, m) {
           py::arg("weight"), py::arg("rows"), py::arg("dim"), py::arg("eps"), py::arg("dtype"), py::arg("stream"),
           "Fused residual add + RMSNorm over (rows, dim) contiguous tensors; residual/residual_out 0 for none. "
           "Asynchronous on `stream`.");
+
+    m.def("pdl_probe", &pdl_probe, py::arg("times"), py::arg("spin_ns"), py::arg("stream"),
+          "Two kernels showing whether programmatic dependent launch overlaps them (cuda/pdl_probe.cuh).");
 
     // Each kernel family binds its own functions (cpp/bind_<family>.cpp); one line each.
     // families: calls

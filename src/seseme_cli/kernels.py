@@ -58,3 +58,20 @@ def dtype_code(dtype: torch.dtype) -> int:
     if name not in codes:
         raise ValueError(f"no kernel dtype code for {dtype}; supported: {sorted(codes)}")
     return codes[name]
+
+
+def pdl_probe(device: torch.device, spin_ns: int = 20_000, in_graph: bool = False) -> dict[str, int]:
+    """Whether programmatic dependent launch overlaps two kernels here (cuda/pdl_probe.cuh): run the probe
+    eagerly or as a captured CUDA graph and return the second kernel's start and the first one's end, in
+    global-timer nanoseconds. `second_start < first_end` means PDL works."""
+    times = torch.zeros(3, dtype=torch.int64, device=device)
+    index = times.device.index or 0
+    if in_graph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _module.pdl_probe(times.data_ptr(), spin_ns, stream_handle(index))
+        graph.replay()
+    else:
+        _module.pdl_probe(times.data_ptr(), spin_ns, stream_handle(index))
+    first_end, second_start, second_after_wait = times.tolist()
+    return {"first_end": first_end, "second_start": second_start, "second_after_wait": second_after_wait}

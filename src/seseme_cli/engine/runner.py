@@ -1,9 +1,9 @@
-"""The GPU engine: static memory, one CUDA graph per batch bucket, eager prefill, and the frame loop.
+"""The GPU engine: static memory, one CUDA graph per batch bucket, prefill, and the frame loop.
 
 `Engine(model, max_batch)` allocates everything once (KV caches, activations, workspaces), packs the weights
-and captures `run_frame` for each bucket (1, 2, 4, ... max_batch). A request's prompt is prefilled eagerly
-into its cache row by the reference model (same weights, same caches); from then on every frame is one graph
-replay. The caller copies finished frames to the host without waiting (generator.stream_until_eos).
+and captures `run_frame` for each bucket (1, 2, 4, ... max_batch). A request's prompt is prefilled into its
+cache row by the engine's kernels (prefill.py, eager); from then on every frame is one graph replay. The
+caller copies finished frames to the host without waiting (generator.stream_until_eos).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from ..model import CsmModel
 from ..tuning import load_tuning
 from .frame import DepthSchedule, FrameBuffers, run_frame
 from .pack import pack
+from .prefill import Prefill, pack_prompts
 
 log = logging.getLogger("seseme")
 
@@ -64,6 +65,7 @@ class Engine:
         self.weights = pack(model)
         self.tuning = load_tuning(self.device)  # this GPU's `seseme tune` cache (logged), or None: defaults
         self.buf = FrameBuffers(self.cfg, max_batch, self.device, model.c0_head.weight.dtype, self.tuning)
+        self.prefill = Prefill(model, self.weights.backbone, self.tuning, self.buf.linear_workspace)
         self.buckets = bucket_sizes(max_batch)
         self.schedules = {b: DepthSchedule(b, self.cfg.num_codebooks, self.device) for b in self.buckets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -103,37 +105,26 @@ class Engine:
 
     @torch.inference_mode()
     def set_row(self, row: int, tokens: torch.Tensor, mask: torch.Tensor, temperature: float, topk: int, seed: int) -> None:
-        """Prefill a prompt (T, K+1) into cache row `row`: frames 0..T-2 eagerly, frame T-1 becomes the
+        """Prefill a prompt (T, K+1) into cache row `row`: frames 0..T-2 into the caches, frame T-1 becomes the
         input of the row's first graph step."""
         self.set_rows([(row, tokens, mask, temperature, topk, seed)])
 
     @torch.inference_mode()
-    def set_rows(self, requests, prefill_rows: int = 64) -> None:
-        """`set_row` for many rows at once: [(row, tokens, mask, temperature, topk, seed), ...]. Prompts of
-        different lengths are prefilled together, padded at the end: a padded position writes a cache slot
-        at or after the row's last prompt frame, which its first graph steps overwrite before reading."""
-        model, buf, dev = self.model, self.buf, self.device
-        for start in range(0, len(requests), prefill_rows):
-            group = requests[start : start + prefill_rows]
-            lengths = [r[1].shape[0] for r in group]
-            T = max(lengths)
-            tokens = torch.zeros(len(group), T, self.cfg.num_codebooks + 1, dtype=torch.long)
-            mask = torch.zeros_like(tokens, dtype=torch.bool)
-            for i, (_, t, m, *_rest) in enumerate(group):
-                tokens[i, : t.shape[0]], mask[i, : t.shape[0]] = t, m
-            x = model.embed_frames(tokens.to(dev), mask.to(dev)).to(buf.backbone.h.dtype)
-            rows = torch.tensor([r[0] for r in group], device=dev)
-            if T > 1:
-                positions = torch.arange(T - 1, device=dev).expand(len(group), T - 1)
-                model.backbone(x[:, :-1], positions, cache_rows=rows, kv_len=T - 1)
-            last = torch.tensor(lengths, device=dev) - 1
-            buf.backbone.h[rows] = x[torch.arange(len(group), device=dev), last]  # the first graph step's input
-            buf.positions[rows] = last
-            buf.lengths[rows] = (last + 1).int()
-            buf.temperature[rows] = torch.tensor([float(r[3]) for r in group], device=dev)
-            buf.topk[rows] = torch.tensor([1 if r[3] <= 0 else int(r[4]) for r in group], device=dev, dtype=torch.int32)
-            buf.seeds[rows] = torch.tensor([int(r[5]) for r in group], device=dev)
-            buf.counters[rows] = 0
+    def set_rows(self, requests) -> None:
+        """`set_row` for many rows at once: [(row, tokens, mask, temperature, topk, seed), ...], each row at most
+        once. All prompts are prefilled together through the engine's kernels (`self.prefill`), one query row per
+        frame, nothing padded. ValueError for a bad request (see prefill.pack_prompts)."""
+        if not requests:
+            return
+        prompts = pack_prompts(requests, self.cfg.num_codebooks, self.max_batch, self.cfg.max_seq_len, self.device)
+        buf, rows = self.buf, prompts.rows
+        buf.backbone.h[rows] = self.prefill(prompts)  # the first graph step's input
+        buf.positions[rows] = prompts.last
+        buf.lengths[rows] = (prompts.last + 1).int()
+        buf.temperature[rows] = prompts.temperature
+        buf.topk[rows] = prompts.topk
+        buf.seeds[rows] = prompts.seeds
+        buf.counters[rows] = 0
 
     @torch.inference_mode()
     def step_teacher_forced(self, n: int, teacher) -> torch.Tensor:

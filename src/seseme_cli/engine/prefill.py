@@ -1,0 +1,152 @@
+"""Prompt prefill through the engine's own kernels: every prompt frame but the last is one query row.
+
+A prompt of T frames for cache row r becomes T-1 rows at positions 0..T-2, all reading and writing cache row r,
+each attending to slots 0..position. `run_stack` appends a layer's K/V for all rows before any row of that layer
+attends, so the rows of one prompt see each other causally. The prompts of several requests are concatenated
+as rows; a batch longer than a chunk runs as successive chunks in order, and a later chunk attends to the cache
+entries the earlier ones wrote. A request's last frame is only embedded: it is the input of the row's first
+frame step. This replaces an eager reference-model prefill that was launch bound (a 40-frame prompt: ~860
+launches, 16.6 ms of host time for 2.9 ms of GPU time on an H100) with ~10 launches per layer.
+
+What a prefill reads from the host goes to the device as one int64 tensor (pinned on CUDA): one copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model import CsmModel
+from ..ops.linear import linear_workspace_bytes
+from ..tuning import tuned_config
+from .frame import StackBuffers, run_stack
+from .pack import StackWeights
+
+Tensor = torch.Tensor
+
+# Rows per chunk. Up to 64 rows the linear layers run our kernels into the static buffers; above, cuBLAS through
+# the ops' reference path (a few temporaries from the caching allocator). At CSM-1B's shapes and 256 rows the
+# buffers hold ~9.5 MB of bf16 activations plus ~69 MB of split-KV attention workspace (StackBuffers sizes it
+# for the most splits any row count may use), and a chunk's transients peak near 70 MB (the embedding's
+# (rows, 32, dim) gather). A chunk costs ~130 (<= 64 rows) to ~270 launches of host time whatever its length,
+# estimated a few ms, about its GPU time at 256 rows (weights read once, ~0.5 TFLOP): longer chunks would mostly
+# cost memory, shorter ones launches. The usual prompt (tens of text frames, a few seconds of context audio) is
+# one chunk, a full 2048-frame context 8. (Estimates, not measured.)
+CHUNK_ROWS = 256
+
+
+@dataclass
+class Prompts:
+    """Requests packed for the prefill: device tensors, and host numbers so the prefill loop never syncs.
+
+    Frame rows: every request's frames but its last, request after request (num_prefill rows), then the last
+    frame of each request, in request order (R rows)."""
+
+    tokens: Tensor  # (num_prefill + R, K + 1) int64
+    mask: Tensor  # (num_prefill + R, K + 1) bool
+    positions: Tensor  # (num_prefill,) int64: a prefill row's position in its prompt
+    cache_rows: Tensor  # (num_prefill,) int64
+    lengths: Tensor  # (num_prefill,) int64: positions + 1 (causal)
+    rows: Tensor  # (R,) int64: each request's cache row
+    last: Tensor  # (R,) int64: position of each request's last frame, T - 1
+    temperature: Tensor  # (R,) float32
+    topk: Tensor  # (R,) int32 (1 where temperature <= 0: greedy)
+    seeds: Tensor  # (R,) int64
+    frames: tuple[int, ...]  # T of each request
+
+    @property
+    def num_prefill(self) -> int:
+        return sum(self.frames) - len(self.frames)
+
+
+def pack_prompts(requests, num_codebooks: int, num_rows: int, max_seq_len: int, device) -> Prompts:
+    """[(row, tokens (T, K+1), mask (T, K+1), temperature, topk, seed), ...] -> Prompts on `device`.
+
+    ValueError for a malformed request, a row outside [0, num_rows) or given twice, or T outside
+    [1, max_seq_len] (the kernels would silently skip an out-of-range cache slot)."""
+    if not requests:
+        raise ValueError("pack_prompts: no requests")
+    width = num_codebooks + 1
+    rows, tokens, masks, temps, topks, seeds = [], [], [], [], [], []
+    for row, t, m, temperature, topk, seed in requests:
+        if t.dim() != 2 or t.shape[1] != width or m.shape != t.shape:
+            raise ValueError(f"prompt for row {row}: tokens and mask must be (T, {width}), "
+                             f"got {tuple(t.shape)} and {tuple(m.shape)}")
+        if not 1 <= t.shape[0] <= max_seq_len:
+            raise ValueError(f"prompt for row {row}: {t.shape[0]} frames; 1..{max_seq_len} fit the context window")
+        if not 0 <= row < num_rows or row in rows:
+            raise ValueError(f"row {row}: rows must be distinct and in [0, {num_rows})")
+        rows.append(int(row))
+        tokens.append(t.to("cpu", torch.long))
+        masks.append(m.to("cpu", torch.long))
+        temps.append(float(temperature))
+        topks.append(1 if temperature <= 0 else int(topk))
+        seeds.append(int(seed))
+    frames = [t.shape[0] for t in tokens]
+    pre = torch.tensor([T - 1 for T in frames])
+    positions = torch.cat([torch.arange(T - 1) for T in frames])
+    parts = [
+        torch.cat([t[:-1] for t in tokens] + [t[-1:] for t in tokens]).flatten(),
+        torch.cat([m[:-1] for m in masks] + [m[-1:] for m in masks]).flatten(),
+        positions,
+        torch.repeat_interleave(torch.tensor(rows), pre),
+        positions + 1,
+        torch.tensor(rows),
+        pre,  # = the last frame's position
+        torch.tensor(topks),
+        torch.tensor(seeds),
+        torch.tensor(temps, dtype=torch.float64).view(torch.int64),  # the bits travel in the int64 tensor
+    ]
+    device = torch.device(device)
+    host = torch.empty(sum(p.numel() for p in parts), dtype=torch.long, pin_memory=device.type == "cuda")
+    torch.cat(parts, out=host)
+    tok, msk, pos, crow, lens, rws, last, topk_, seed_, temp = host.to(device, non_blocking=True).split(
+        [p.numel() for p in parts])
+    return Prompts(tokens=tok.view(-1, width), mask=msk.view(-1, width).bool(), positions=pos, cache_rows=crow,
+                   lengths=lens, rows=rws, last=last, temperature=temp.view(torch.float64).float(), topk=topk_.int(),
+                   seeds=seed_, frames=tuple(frames))
+
+
+def prefill_workspace_bytes(weights: StackWeights, rows: int, tuning=None, device=None) -> int:
+    """Split-K workspace the stack's linear layers need at every row count 1..rows (tuned configs included)."""
+    layer = weights.layers[0]
+    dim, ffn = layer.wqkv.shape[1], layer.w_down.shape[1]
+    shapes = ((layer.wqkv.shape[0], dim, False), (dim, layer.wo.shape[1], False), (ffn, dim, True), (dim, ffn, False))
+    return max(linear_workspace_bytes(n, m, k, swiglu, tuned_config(tuning, "linear", n, m, k, swiglu).get("config"),
+                                      device=device)
+               for n in range(1, rows + 1) for m, k, swiglu in shapes)
+
+
+class Prefill:
+    """Static buffers for chunks of `chunk_rows` backbone rows; call it with Prompts to fill the KV caches."""
+
+    def __init__(self, model: CsmModel, weights: StackWeights, tuning=None, shared_workspace: Tensor | None = None,
+                 chunk_rows: int = CHUNK_ROWS):
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        p = model.c0_head.weight
+        self.model, self.weights, self.tuning, self.chunk_rows = model, weights, tuning, chunk_rows
+        self.buf = StackBuffers(model.cfg.backbone, chunk_rows, p.device, p.dtype)
+        # The frames' zeroed split-K workspace serves here too (same stream, left zeroed by every call) when it
+        # is big enough for the chunk's row counts; else one of our own.
+        need = max(prefill_workspace_bytes(weights, chunk_rows, tuning, p.device), 16)
+        if shared_workspace is not None and shared_workspace.numel() * shared_workspace.element_size() >= need:
+            self.workspace = shared_workspace
+        else:
+            self.workspace = torch.zeros(need, device=p.device, dtype=torch.uint8)
+
+    def __call__(self, prompts: Prompts) -> Tensor:
+        """Write every prefill row's K/V (all layers) into its cache row; return the last frames' embeddings
+        (R, dim), in the engine's dtype."""
+        buf, P = self.buf, prompts.num_prefill
+        for start in range(0, max(P, 1), self.chunk_rows):
+            end = min(start + self.chunk_rows, P)
+            stop = end if end < P else prompts.tokens.shape[0]  # the final chunk embeds the last frames too
+            x = self.model.embed_frames(prompts.tokens[None, start:stop], prompts.mask[None, start:stop])[0]
+            n = end - start
+            if n:
+                buf.h[:n].copy_(x[:n])
+                run_stack(self.weights, buf, n, prompts.positions[start:end], prompts.lengths[start:end],
+                          prompts.cache_rows[start:end], self.workspace, self.tuning)
+        return x[n:].to(buf.h.dtype)
