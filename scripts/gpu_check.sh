@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build the committed tree for sm_90, run the cuda-marked tests, a GPU `say`
+# One call on a GPU machine: build this tree for sm_90, run the cuda-marked tests, a GPU `say`
 # with the random full-size model, and whatever extra commands are passed as arguments. Logs go to $OUT.
 # Usage (device tool, carrying .whl): bash scripts/gpu_check.sh ["extra command" ...]
 set -uo pipefail
@@ -8,10 +8,8 @@ export PYTHONUNBUFFERED=1
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-# Build only what is committed, so half-written files in the working tree do not break the build.
-if git rev-parse HEAD >/dev/null 2>&1; then
-  rm -rf /tmp/src && mkdir -p /tmp/src && git archive HEAD | tar -x -C /tmp/src && cd /tmp/src
-fi
+# Build the working tree as the device tool copied it (its .git is a snapshot that may be older than the files,
+# so `git archive HEAD` would build stale code).
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 CMAKE_ARGS=-DCMAKE_CUDA_ARCHITECTURES=90 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1 \

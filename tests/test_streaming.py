@@ -70,6 +70,76 @@ def test_special_ids_decode_as_zero():
     torch.testing.assert_close(decode_codes(codec, special), codec.decode(zeroed.T))
 
 
+def decode_in_chunks(dec: StreamDecoder, c: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    assert sum(sizes) == c.shape[0]
+    starts = np.cumsum([0, *sizes[:-1]])
+    return torch.cat([dec.decode(c[s : s + n]) for s, n in zip(starts, sizes)])
+
+
+def test_sessions_reuse_one_kept_state_reset_in_place_and_leave_mimi_usable():
+    codec = MimiCodec.random("tiny", seed=6)
+    c = codes(30, seed=2)
+    full = codec.decode(c.T)
+    kept = None
+    for sizes in ([1, 8, 3, 5, 13], [30], [2] * 15):
+        assert not codec.model.is_streaming
+        with StreamDecoder(codec) as dec:
+            state = codec.model.get_streaming_state()
+            assert kept is None or all(state[k] is kept[k] for k in kept)  # the same state objects every time
+            kept = state
+            streamed = decode_in_chunks(dec, c, sizes)
+        assert (streamed - full).abs().max() <= 1e-5 * full.abs().max()  # fails if a session starts unreset
+        assert not codec.model.is_streaming
+        assert torch.equal(codec.decode(c.T), full)  # one-shot decode between sessions: no streaming state
+    with StreamDecoder(codec) as dec:  # a session that stops halfway...
+        dec.decode(c[:7])
+    with StreamDecoder(codec) as dec:  # ...leaves nothing behind
+        streamed = decode_in_chunks(dec, c, [4, 26])
+    assert (streamed - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def state_tensors(model) -> dict[str, torch.Tensor]:
+    """Every tensor of Mimi's streaming state (moshi's State dataclasses and the KV caches in them)."""
+    found = {}
+
+    def walk(prefix, obj, depth):
+        for key, value in vars(obj).items():
+            if isinstance(value, torch.Tensor):
+                found[f"{prefix}.{key}"] = value
+            elif depth < 1 and hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module):
+                walk(f"{prefix}.{key}", value, depth + 1)
+
+    for name, state in model.get_streaming_state().items():
+        walk(name or "mimi", state, 0)
+    return found
+
+
+def test_mimi_decode_updates_its_streaming_state_in_place():
+    # What makes CUDA graph replays of a frame right: decoding writes into the state's tensors and never
+    # replaces one (a replaced tensor would be invisible to the replays, which use the captured addresses).
+    codec = MimiCodec.random("tiny", seed=8)
+    with StreamDecoder(codec) as dec:
+        before = {k: (t, t.data_ptr(), t.clone()) for k, t in state_tensors(codec.model).items()}
+        for n in (1, 3):
+            dec.decode(codes(n))
+            after = state_tensors(codec.model)
+            assert after.keys() == before.keys()
+            assert [k for k, (t, ptr, _) in before.items() if after[k] is not t or t.data_ptr() != ptr] == []
+    changed = {k for k, (t, _, old) in before.items() if not torch.equal(t, old)}
+    assert any(k.startswith("decoder.") and k.endswith(".previous") for k in changed)  # not vacuous
+    assert any(k.endswith("kv_cache.end_offset") for k in changed)
+
+
+def test_one_open_stream_decoder_per_codec():
+    codec = MimiCodec.random("tiny", seed=6)
+    c = codes(3)
+    with StreamDecoder(codec) as dec:
+        with pytest.raises(RuntimeError, match="already streaming"):
+            StreamDecoder(codec).__enter__()
+        audio = dec.decode(c)
+    assert (audio - codec.decode(c.T)).abs().max() <= 1e-5 * audio.abs().max()
+
+
 # --- tts.stream ---------------------------------------------------------------------------------------------
 
 def test_stream_chunks_small_first_then_regular_and_equal_generate(tts):
@@ -122,8 +192,9 @@ def test_errors_in_the_generation_thread_reach_the_caller(tts):
     assert not tts.codec.model.is_streaming
 
 
-def test_decoding_overlaps_generation(tts, monkeypatch):
-    # While this thread decodes a chunk (made slow here), the worker goes on generating the next ones.
+def test_generation_waits_for_the_first_decode_then_overlaps_decoding(tts, monkeypatch):
+    # The first chunk is decoded with the GPU and the GIL to itself (time to first audio); from then on, while
+    # this thread decodes a chunk (made slow here), the worker goes on generating the next ones.
     import seseme_cli.streaming as streaming
 
     produced, decoded = [], []
@@ -143,7 +214,21 @@ def test_decoding_overlaps_generation(tts, monkeypatch):
     monkeypatch.setattr(streaming.StreamDecoder, "decode", slow_decode)
     chunks = list(tts.stream("Hello there.", max_audio_length_ms=640, seed=1, chunk_frames=2))
     assert [len(c) // FRAME for c in chunks] == [1, 2, 2, 2, 1]
-    assert sum(t < decoded[0] for t in produced) >= 2  # chunk 2 was generated while chunk 1 was decoded
+    assert produced[1] > decoded[0]  # chunk 2 waited for chunk 1's decode
+    assert sum(t < decoded[1] for t in produced) >= 3  # chunk 3 was generated while chunk 2 was decoded
+
+
+def test_a_failed_first_decode_releases_the_waiting_worker(tts, monkeypatch):
+    import seseme_cli.streaming as streaming
+
+    def broken_decode(self, c):
+        raise RuntimeError("decode broke")
+
+    monkeypatch.setattr(streaming.StreamDecoder, "decode", broken_decode)
+    with pytest.raises(RuntimeError, match="decode broke"):
+        list(tts.stream("Hello there.", max_audio_length_ms=8000, seed=1))
+    assert not any(t.name == "seseme-generate" for t in threading.enumerate())
+    assert not tts.codec.model.is_streaming
 
 
 # --- sinks ---------------------------------------------------------------------------------------------------
@@ -245,3 +330,47 @@ def test_stream_on_gpu_equals_generate_and_starts_fast():
     print(f"time to first audio {ttfa * 1000:.1f} ms; streamed vs one-shot max diff "
           f"{(streamed - full).abs().max():.2e} of {full.abs().max():.2e}")
     assert (streamed - full).abs().max() <= 1e-3 * full.abs().max()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_graphed_stream_decode_on_gpu_equals_one_shot_and_captures_once(monkeypatch):
+    from seseme_cli.streaming import GRAPH_MAX_FRAMES, decode_stream
+
+    captures = []
+
+    class CountedGraph(torch.cuda.CUDAGraph):
+        def capture_begin(self, *args, **kwargs):
+            captures.append(self)
+            return super().capture_begin(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", CountedGraph)
+    codec = MimiCodec.random("full", seed=7, device="cuda")
+    assert decode_stream(codec).priority < 0  # above the default (0) of generation's streams
+    c = codes(80, seed=3)
+    with torch.inference_mode():
+        full = codec.decode(c.T.cuda()).cpu()
+    scale = full.abs().max()
+    first_ms = []
+    # 1, then 8s, then odd sizes; 40 frames > GRAPH_MAX_FRAMES decode eagerly on the same state.
+    for sizes in ([1, 8, 8, 3, 5, 1, 7, 40, 7], [1, 3, 8, 13, 40, 15]):
+        assert max(sizes) > GRAPH_MAX_FRAMES >= 15
+        with StreamDecoder(codec) as dec:
+            assert dec.graphed
+            assert len(captures) == 2  # frame + reset, in the first session only
+            started = time.perf_counter()
+            head = dec.decode(c[: sizes[0]])
+            first_ms.append((time.perf_counter() - started) * 1e3)
+            streamed = torch.cat([head, decode_in_chunks(dec, c[sizes[0] :], sizes[1:])])
+        err = (streamed - full).abs().max()
+        print(f"graphed streaming vs one-shot: max diff {err:.2e} of {scale:.2e}; first chunk {first_ms[-1]:.2f} ms")
+        assert err <= 1e-3 * scale
+        assert not codec.model.is_streaming
+        with torch.inference_mode():
+            assert (codec.decode(c.T.cuda()).cpu() - full).abs().max() <= 1e-5 * scale  # one-shot still works
+    with StreamDecoder(codec) as dec:  # stopped halfway: the next session starts clean all the same
+        dec.decode(c[:5])
+    with StreamDecoder(codec) as dec:
+        streamed = decode_in_chunks(dec, c, [1] * 80)
+    assert (streamed - full).abs().max() <= 1e-3 * scale
+    assert len(captures) == 2

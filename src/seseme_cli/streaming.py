@@ -3,13 +3,27 @@ are written while they grow.
 
 Mimi is causal (causal convolutions, a causal sliding-window transformer), and moshi's MimiModel keeps the
 state between calls in streaming mode, so decoding frames chunk by chunk gives the same samples as decoding
-them all at once: no seams, no clicks, nothing to crossfade. moshi CUDA-graphs its streaming decoder for a
-fixed input shape; our chunks vary in size (a 1-frame first chunk for a fast start, then bigger ones) and a
-capture could race with the generator's host syncs in the other thread, so the streaming decoder runs eagerly
-(`no_cuda_graph`), on its own CUDA stream.
+them all at once: no seams, no clicks, nothing to crossfade.
+
+On a GPU an eager streaming decode of one frame is hundreds of tiny kernels launched from Python (~25 ms of host
+time on the H100), and entering streaming mode allocates the whole state again (~3.5 ms). So each codec keeps one
+batch-1 streaming state for good (`_KeptState`), detached from the model between sessions so that one-shot
+`codec.decode` works, and two CUDA graphs over it, captured once: one frame of `model.decode` ((1, K, 1) codes ->
+(1, 1, frame_size) audio: quantizer, upsampling, decoder transformer, SEANet decoder), and `reset_streaming()`,
+replayed when a session starts. A chunk of n frames is n replays of the frame graph. Replays are right only
+because every state update on this path is in place (`[:] =`, `scatter_`, `add_`; checked in moshi 0.2.13: conv
+`previous`, transposed-conv `partial`, the ring KV cache and its `end_offset`, attention and transformer offsets,
+`exec_mask`); the one exception, replicate padding's `first` flag, is reassigned, so such a model stays eager.
+moshi's own per-module CUDA graphs are switched off (`no_cuda_graph`): ours covers the whole decode. The capture
+happens in the caller's thread when the codec's first StreamDecoder is entered, before generation starts, so it
+never races the generation thread (`decode_codes`, which may run beside generation, never captures). On a CPU,
+if capture fails, and for chunks over GRAPH_MAX_FRAMES (long pieces), decoding is eager, one call per chunk, on
+the same state.
 
 `stream_audio` runs generation in a worker thread and decodes in the caller's thread: while the worker waits
 for the GPU at a chunk's end, the caller decodes the previous chunk, and the frame loop never waits for Mimi.
+Decoding runs on a high-priority stream, and the worker waits while the first chunk is decoded (see
+`stream_audio`).
 """
 
 from __future__ import annotations
@@ -32,6 +46,9 @@ from .errors import InputError, SesemeError
 log = logging.getLogger("seseme")
 
 PIECE_FRAMES = 750  # 60 s: longer code sequences are decoded piecewise (bounded activation memory)
+# Longer chunks decode in one eager call: n replays of the 1-frame graph cost n x its GPU time (hundreds of tiny
+# kernels), one eager call ~25 ms of launches plus one batched pass. Estimated crossover, not measured.
+GRAPH_MAX_FRAMES = 32
 
 
 def clean_codes(codes: torch.Tensor, cardinality: int) -> tuple[torch.Tensor, int]:
@@ -44,48 +61,143 @@ def clean_codes(codes: torch.Tensor, cardinality: int) -> tuple[torch.Tensor, in
 
 
 def decode_stream(codec):
-    """The codec's own CUDA stream for decoding beside generation, made once per codec: a new stream per call
-    would start with an empty allocator pool and fresh library handles on every stream (suspected in the
-    ~100 ms time to first audio measured on the H100; not yet re-measured). None on a CPU."""
+    """The codec's own CUDA stream for decoding beside generation, made once per codec (a new stream per call
+    would start with an empty allocator pool), at the highest priority torch offers: when decode and generation
+    kernels are both queued, the GPU schedules the decode's first. None on a CPU."""
     if codec.device.type != "cuda":
         return None
     if getattr(codec, "_decode_stream", None) is None:
-        codec._decode_stream = torch.cuda.Stream(codec.device)
+        highest = min(torch.cuda.Stream.priority_range())  # lower is higher; torch clamps to what it supports
+        codec._decode_stream = torch.cuda.Stream(codec.device, priority=highest)
     return codec._decode_stream
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+class _KeptState:
+    """Mimi's batch-1 streaming state for one codec, kept between StreamDecoder sessions: attached to the model
+    and reset during a session, detached between them. On a GPU, once captured, the frame and reset graphs over
+    it (see the module docstring); `frame` is None while decoding is eager."""
+
+    def __init__(self, model, stream):
+        self.model, self.stream = model, stream
+        self.frame = self.reset_graph = None
+        self.tried = stream is None  # nothing to capture on a CPU
+        with _on(stream):
+            model.streaming_forever(1)
+        self.states = model.get_streaming_state()
+        self.detach()
+
+    def attach(self) -> None:
+        if self.model.is_streaming:
+            raise RuntimeError("Mimi is already streaming: one open StreamDecoder per codec at a time")
+        self.model.set_streaming_state(self.states)
+
+    def detach(self) -> None:
+        self.model.set_streaming_state(dict.fromkeys(self.states))  # no state: one-shot decode works
+
+    def capture(self) -> None:
+        """Capture the graphs (attached, once; no other work of this thread may run meanwhile). A failure
+        leaves decoding eager, said once."""
+        from moshi.modules.conv import StreamingConv1d
+        from moshi.utils.compile import no_compile, no_cuda_graph
+
+        self.tried = True
+        frame, reset = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        try:
+            if any(isinstance(m, StreamingConv1d) and m.pad_mode == "replicate" for m in self.model.decoder.modules()):
+                raise RuntimeError("replicate padding replaces its state flag instead of updating it in place")
+            # no_compile: moshi torch.compiles its RoPE lazily on a GPU; that must not happen inside a capture.
+            with torch.inference_mode(), no_cuda_graph(), no_compile():
+                with _on(self.stream):
+                    self.codes = torch.zeros(1, self.model.num_codebooks, 1, dtype=torch.long, device=self.stream.device)
+                    self.model.decode(self.codes)  # warm-up: library handles, workspaces, the codebooks' lazy cache
+                # thread_local: our capture must not make CUDA calls of other threads fail.
+                with torch.cuda.graph(frame, stream=self.stream, capture_error_mode="thread_local"):
+                    self.audio = self.model.decode(self.codes)
+                with torch.cuda.graph(reset, pool=frame.pool(), stream=self.stream, capture_error_mode="thread_local"):
+                    self.model.reset_streaming()
+        except RuntimeError as e:  # torch's capture errors, out of memory, replicate padding
+            log.warning("Mimi streaming decode runs eagerly (slower first audio): no CUDA graph: %s", e)
+            return
+        # Capturing ran nothing: the state is as the warm-up left it, and reset() comes next.
+        self.frame, self.reset_graph = frame, reset
+
+    def reset(self) -> None:
+        """Reset the attached state in place, on the decode stream, ahead of this session's decodes."""
+        with torch.inference_mode(), _on(self.stream):
+            if self.reset_graph is not None:
+                self.reset_graph.replay()  # one launch instead of ~500 small ops (~3 ms of host time)
+            else:
+                self.model.reset_streaming()
+
+    def decode_frames(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (n, K) long on the GPU -> (n * frame_size,) float32 on the GPU: one graph replay per frame.
+        Call in inference mode on the decode stream."""
+        out = torch.empty(codes.shape[0], self.audio.shape[-1], device=codes.device)
+        for i, frame in enumerate(codes):
+            self.codes[0, :, 0].copy_(frame)
+            self.frame.replay()
+            out[i].copy_(self.audio[0, 0])
+        return out.view(-1)
 
 
 class StreamDecoder:
     """Mimi in streaming mode for one sequence: `decode(codes (n, K))` -> the next n * 1920 samples (1-D CPU
     float32). Use as a context manager; one open StreamDecoder per codec at a time (moshi's state is the
-    model's)."""
+    model's). On a GPU the codec's first one with `capture` (the default) captures the CUDA graphs when entered:
+    enter it in the thread that decodes, before generation starts."""
 
-    def __init__(self, codec):
+    def __init__(self, codec, capture: bool = True):
         self.codec = codec
         self.special = 0  # special ids decoded as 0 so far
-        self._stack = contextlib.ExitStack()
+        self.capture = capture
         self._stream = decode_stream(codec)
+        self._kept: _KeptState | None = None
 
     def __enter__(self) -> "StreamDecoder":
-        self._stack.enter_context(self.codec.model.streaming(1))
+        kept = getattr(self.codec, "_stream_state", None)
+        if kept is None:
+            kept = _KeptState(self.codec.model, self._stream)
+            self.codec._stream_state = kept
+        kept.attach()
+        try:
+            if self.capture and not kept.tried:
+                kept.capture()
+            kept.reset()
+        except BaseException:
+            kept.detach()
+            raise
+        self._kept = kept
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
+        self._kept.detach()
+        self._kept = None
+
+    @property
+    def graphed(self) -> bool:
+        """Whether chunks of up to GRAPH_MAX_FRAMES frames decode by CUDA graph replays (else eagerly)."""
+        return self._kept is not None and self._kept.frame is not None
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         if codes.shape[0] == 0:
             return torch.zeros(0)
         codes, special = clean_codes(codes, self.codec.cardinality)
         self.special += special
-        from moshi.utils.compile import no_cuda_graph
+        from moshi.utils.compile import no_compile, no_cuda_graph
 
         # Modes are entered per call, not for the whole stream: a suspended generator must not leave the
         # caller's thread in inference mode between chunks.
-        with torch.inference_mode(), no_cuda_graph(), self._on_stream():
-            return self.codec.model.decode(codes.T[None].to(self.codec.device))[0, 0].float().cpu()
-
-    def _on_stream(self):
-        return torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+        with torch.inference_mode(), _on(self._stream):
+            codes = codes.to(self.codec.device, torch.long)
+            if self.graphed and codes.shape[0] <= GRAPH_MAX_FRAMES:
+                return self._kept.decode_frames(codes).cpu()
+            # no_compile: a torch.compile of moshi's RoPE per new chunk length would stall the stream for seconds.
+            with no_cuda_graph(), no_compile():
+                return self.codec.model.decode(codes.T[None])[0, 0].float().cpu()
 
 
 def warn_special(count: int) -> None:
@@ -103,7 +215,8 @@ def decode_codes(codec, codes: torch.Tensor, piece_frames: int = PIECE_FRAMES) -
         warn_special(special)
         with torch.inference_mode():
             return codec.decode(codes.T.to(codec.device)).float().cpu().reshape(-1)
-    with StreamDecoder(codec) as dec:
+    # No capture here: this may run beside generation (batch's decode thread), and long pieces decode eagerly.
+    with StreamDecoder(codec, capture=False) as dec:
         audio = torch.cat([dec.decode(codes[i : i + piece_frames]) for i in range(0, codes.shape[0], piece_frames)])
     warn_special(dec.special)
     return audio
@@ -114,13 +227,16 @@ def decode_codes(codec, codes: torch.Tensor, piece_frames: int = PIECE_FRAMES) -
 _DONE = object()
 
 
-def _produce(chunks, out: queue.Queue, stop: threading.Event, device: torch.device) -> None:
+def _produce(chunks, out: queue.Queue, stop: threading.Event, device: torch.device,
+             first_done: threading.Event | None) -> None:
     try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            for codes in chunks:
+            for i, codes in enumerate(chunks):
                 if stop.is_set():
                     break
                 out.put(codes)
+                if i == 0 and first_done is not None:
+                    first_done.wait()
         out.put(_DONE)
     except BaseException as e:  # handed to the consumer, which raises it
         out.put(e)
@@ -128,12 +244,14 @@ def _produce(chunks, out: queue.Queue, stop: threading.Event, device: torch.devi
         chunks.close()
 
 
-def in_background(chunks, device: torch.device):
+def in_background(chunks, device: torch.device, first_done: threading.Event | None = None):
     """Iterate the generator `chunks` in a worker thread; yield its items here. Exceptions are re-raised
-    here; closing this generator stops the worker after its current item."""
+    here; closing this generator stops the worker after its current item. With `first_done`, the worker
+    pauses after the first item until the consumer sets that event (closing sets it too)."""
     items: queue.Queue = queue.Queue()
     stop = threading.Event()
-    worker = threading.Thread(target=_produce, args=(chunks, items, stop, device), name="seseme-generate", daemon=True)
+    worker = threading.Thread(target=_produce, args=(chunks, items, stop, device, first_done), name="seseme-generate",
+                              daemon=True)
     worker.start()
     try:
         while (item := items.get()) is not _DONE:
@@ -142,14 +260,26 @@ def in_background(chunks, device: torch.device):
             yield item
     finally:
         stop.set()
+        if first_done is not None:
+            first_done.set()
         worker.join()
 
 
 def stream_audio(tts, code_chunks):
     """Decode code chunks (from `tts.job_codes`) into audio chunks as they come, generating in the background."""
-    with StreamDecoder(tts.codec) as decoder:
-        for codes in in_background(code_chunks, tts.device):
-            yield decoder.decode(codes)
+    # The first chunk decides the time to first audio. If the worker went on generating meanwhile, every frame
+    # would hold the GIL for its graph launch (~1.2 ms) and queue GPU work ahead of the decode, so the first
+    # decode would wait on both. So generation pauses until the first chunk is decoded: the next chunk comes
+    # later by one frame's graphed decode (~1 ms), while the first one plays for 80 ms. From the second chunk
+    # on, decoding and generation overlap.
+    first_done = threading.Event()
+    with StreamDecoder(tts.codec) as decoder:  # entered first: a graph capture happens before the worker starts
+        chunks = in_background(code_chunks, tts.device, first_done)
+        with contextlib.closing(chunks):  # stops the worker before the decoder closes
+            for codes in chunks:
+                audio = decoder.decode(codes)
+                first_done.set()
+                yield audio
     warn_special(decoder.special)
 
 
