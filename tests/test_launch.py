@@ -18,12 +18,15 @@ def device():
     return torch.device("cuda")
 
 
-@pytest.mark.parametrize("in_graph", [False, True], ids=["stream", "graph"])
-def test_next_kernel_starts_early_and_waits(device, in_graph):
-    # On a created stream: kernels on the legacy default stream do not overlap (measured on an H100), and the
-    # engine's graphs are captured and replayed on created streams anyway.
-    with torch.cuda.stream(torch.cuda.Stream(device)):
-        times = pdl_probe(device, spin_ns=50_000, in_graph=in_graph)
+def test_in_a_graph_the_next_kernel_starts_early_and_waits(device):
+    times = pdl_probe(device, spin_ns=50_000, in_graph=True)
     assert times["second_start"] < times["first_end"], times  # launched while the first still ran
     assert times["second_after_wait"] >= times["first_end"], times  # and waited for it
+
+
+def test_launched_eagerly_the_next_kernel_waits(device):
+    # Eager launches (the prefill) did not overlap on an H100 (driver 580): the second kernel started ~4 us
+    # after the first ended, on the default stream and on a created one. Only the ordering is required.
+    times = pdl_probe(device, spin_ns=50_000, in_graph=False)
+    assert times["second_after_wait"] >= times["first_end"], times
 

@@ -374,7 +374,8 @@ class MimiCodec:
             return torch.empty(self.num_codebooks, 0, dtype=torch.long, device=self.device)
         dtype = next(self.model.parameters()).dtype
         x = audio.to(device=self.device, dtype=dtype)[None, None]
-        return self.model.encode(x)[0]
+        with _no_torch_compile():
+            return self.model.encode(x)[0]
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -389,5 +390,15 @@ class MimiCodec:
         if c.shape[-1] == 0:
             audio = torch.zeros(c.shape[0], 0, device=self.device)
         else:
-            audio = self.model.decode(c.to(device=self.device, dtype=torch.long))[:, 0].float()
+            with _no_torch_compile():
+                audio = self.model.decode(c.to(device=self.device, dtype=torch.long))[:, 0].float()
         return audio if batched else audio[0]
+
+
+def _no_torch_compile():
+    """moshi torch.compiles a few small functions (RoPE, gating) on their first call, and again for every new
+    input length: each compile stalls the caller for seconds (measured: ~20 s of a 512-request `seseme
+    batch` run on an H100 went to it). Mimi's eager speed is plenty for us, so never compile."""
+    from moshi.utils.compile import no_compile
+
+    return no_compile()
