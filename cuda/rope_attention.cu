@@ -56,23 +56,6 @@ __device__ __forceinline__ void rotate4(const T* head, int lane, const float (&c
     }
 }
 
-// Sum over the warp of each of the 32 values v[0..31]; afterwards lane j holds the sum of v[j] in v[0]. Each
-// stage halves the values a lane keeps (lanes with bit OFF set keep the upper half); a template, so that every
-// index is a constant and v stays in registers.
-template <int OFF>
-__device__ __forceinline__ void transpose_sum32(float (&v)[32], int lane) {
-    if constexpr (OFF > 0) {
-        const bool upper = (lane & OFF) != 0;
-#pragma unroll
-        for (int i = 0; i < OFF; i++) {
-            const float send = upper ? v[i] : v[i + OFF];
-            const float keep = upper ? v[i + OFF] : v[i];
-            v[i] = keep + __shfl_xor_sync(kFull, send, OFF);
-        }
-        transpose_sum32<OFF / 2>(v, lane);
-    }
-}
-
 // Scores of keys base..base+31 (lane j: key base + j), -inf past len.
 template <typename T>
 __device__ __forceinline__ float scores32(const T* k_row, int key_stride, int base, int len, int lane,
@@ -84,7 +67,7 @@ __device__ __forceinline__ float scores32(const T* k_row, int key_stride, int ba
         if (base + j < len) load4(k_row + (base + j) * key_stride + lane * kE, k);
         part[j] = q[0] * k[0] + q[1] * k[1] + q[2] * k[2] + q[3] * k[3];
     }
-    transpose_sum32<16>(part, lane);
+    transpose_reduce<32, 16>(part, lane);  // numeric.cuh: lane j now holds key j's dot product in part[0]
     return base + lane < len ? part[0] : -INFINITY;
 }
 
