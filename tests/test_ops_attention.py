@@ -19,6 +19,7 @@ from seseme_cli.config import RopeScaling, TransformerConfig
 from seseme_cli.kernels import has_cuda_kernels, kernels_module
 from seseme_cli.model import Transformer, rope_inv_freq
 from seseme_cli.ops import attention as A
+from seseme_cli.ops import rope_attention as RA
 from seseme_cli.ops.attention import (
     attention_workspace,
     decode_attention,
@@ -104,9 +105,9 @@ def test_module_constants_match_python():
     assert k.attention_max_head_dim == A.MAX_HEAD_DIM == k.rope_max_head_dim
     assert k.attention_max_rep_times_keys == A.MAX_REP_TIMES_KEYS
     assert k.attention_default_keys_per_iter == A.DEFAULT_KEYS_PER_ITER
-    assert k.rope_attention_head_dim == A.ROPE_ATTENTION_HEAD_DIM
-    assert k.rope_attention_max_cache_len == A.ROPE_ATTENTION_MAX_CACHE_LEN
-    assert k.rope_attention_max_rep == A.ROPE_ATTENTION_MAX_REP
+    assert k.rope_attention_head_dim == RA.ROPE_ATTENTION_HEAD_DIM
+    assert k.rope_attention_max_cache_len == RA.ROPE_ATTENTION_MAX_CACHE_LEN
+    assert k.rope_attention_max_rep == RA.ROPE_ATTENTION_MAX_REP
 
 
 @pytest.mark.parametrize("H,Hkv,hd", [(4, 2, 16), (3, 1, 6), (2, 2, 8)])
@@ -658,11 +659,11 @@ def test_rope_attention_kernel(N, H, Hkv, S, dtype):
     qkv, pos, rows, inv_freq, k0, v0 = rope_attention_case(N, H, Hkv, S, dtype, seed=N * 13 + H + S)
     hd = 128
     rk, rv, ref = k0.clone(), v0.clone(), torch.empty(N, H, hd, device="cuda", dtype=dtype)
-    A.rope_attention_ref(qkv, pos, rows, inv_freq, rk, rv, ref)
+    RA.rope_attention_ref(qkv, pos, rows, inv_freq, rk, rv, ref)
     k_cache, v_cache = k0.clone(), v0.clone()
     out = torch.full((N, H, hd), float("nan"), device="cuda", dtype=dtype)
-    assert A._rope_attention_kernel_applies(qkv, pos, rows, inv_freq, k_cache, v_cache, out)
-    assert A.rope_attention(qkv, pos, rows, inv_freq, k_cache, v_cache, out) is out
+    assert RA._rope_attention_kernel_applies(qkv, pos, rows, inv_freq, k_cache, v_cache, out)
+    assert RA.rope_attention(qkv, pos, rows, inv_freq, k_cache, v_cache, out) is out
 
     # The caches: exactly rope_append's slots (checked against float64), nothing else touched.
     check_rope_result(qkv, pos, rows, inv_freq, k0, v0, k_cache, v_cache, torch.empty(N, H, hd, device="cuda",
@@ -685,7 +686,7 @@ def test_rope_attention_kernel_out_of_range():
     pos[1] = S  # no such slot: no write, attends to all S slots
     k_cache, v_cache = k0.clone(), v0.clone()
     out = torch.full((N, H, 128), float("nan"), device="cuda", dtype=dtype)
-    A.rope_attention(qkv, pos, rows, inv_freq, k_cache, v_cache, out)
+    RA.rope_attention(qkv, pos, rows, inv_freq, k_cache, v_cache, out)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     untouched = torch.ones(k0.shape[:2], dtype=torch.bool, device="cuda")
     untouched[rows[2].long(), pos[2]] = False

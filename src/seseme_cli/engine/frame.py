@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ..config import CsmConfig, TransformerConfig
-from ..ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append, rope_attention
+from ..ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append
+from ..ops.rope_attention import rope_attention
 from ..ops.embedding import embed_codes
 from ..ops.linear import linear, linear_workspace_bytes, swiglu_linear
 from ..ops.rmsnorm import rms_norm
