@@ -385,15 +385,24 @@ def test_rope_kernel(N, H, Hkv, hd, S, dtype):
 
 
 def check_rope_result(qkv, pos, rows, inv_freq, k0, v0, k_cache, v_cache, q_out):
-    N, H, hd = q_out.shape
-    Hkv = k0.shape[2]
-    rk, rv, rq = k0.clone(), v0.clone(), torch.empty_like(q_out)
-    rope_append_ref(qkv, pos, rows, inv_freq, rk, rv, rq)
-    gq, gk, gv = rope_gold(qkv, pos, inv_freq, H, Hkv, hd)
-    r, p = rows.long(), pos.long()
+    rq = torch.empty_like(q_out)
+    rope_append_ref(qkv, pos, rows, inv_freq, k0.clone(), v0.clone(), rq)
+    gq, _, _ = rope_gold(qkv, pos, inv_freq, q_out.shape[1], k0.shape[2], k0.shape[3])
     floor = 4 * torch.finfo(torch.float32).eps * qkv.double().abs().max().item()
     assert torch.isfinite(q_out).all()
     assert max_err(q_out, gq) <= 2 * max_err(rq, gq) + floor
+    check_rope_caches(qkv, pos, rows, inv_freq, k0, v0, k_cache, v_cache, q_out.shape[1])
+
+
+def check_rope_caches(qkv, pos, rows, inv_freq, k0, v0, k_cache, v_cache, H):
+    """The slots rope_append writes, against float64; every other slot untouched."""
+    Hkv, hd = k0.shape[2], k0.shape[3]
+    rk, rv = k0.clone(), v0.clone()
+    rope_append_ref(qkv, pos, rows, inv_freq, rk, rv, torch.empty(qkv.shape[0], H, hd, device=qkv.device,
+                                                                    dtype=qkv.dtype))
+    _, gk, gv = rope_gold(qkv, pos, inv_freq, H, Hkv, hd)
+    r, p = rows.long(), pos.long()
+    floor = 4 * torch.finfo(torch.float32).eps * qkv.double().abs().max().item()
     assert max_err(k_cache[r, p], gk) <= 2 * max_err(rk[r, p], gk) + floor
     assert torch.equal(bits(v_cache[r, p]), bits(gv.to(qkv.dtype)))  # v is copied, not rounded
     written = torch.zeros(k0.shape[:2], dtype=torch.bool, device="cuda")
@@ -666,8 +675,7 @@ def test_rope_attention_kernel(N, H, Hkv, S, dtype):
     assert RA.rope_attention(qkv, pos, rows, inv_freq, k_cache, v_cache, out) is out
 
     # The caches: exactly rope_append's slots (checked against float64), nothing else touched.
-    check_rope_result(qkv, pos, rows, inv_freq, k0, v0, k_cache, v_cache, torch.empty(N, H, hd, device="cuda",
-                                                                                        dtype=dtype).copy_(ref))
+    check_rope_caches(qkv, pos, rows, inv_freq, k0, v0, k_cache, v_cache, H)
     # The output: against float64 attention of the float64-rotated q over the reference's caches.
     gq, _, _ = rope_gold(qkv, pos, inv_freq, H, Hkv, hd)
     gold = attention_gold(gq, rk, rv, rows, pos + 1)
