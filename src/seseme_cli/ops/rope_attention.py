@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import dtype_code, has_cuda_kernels, kernels_module
+from ..kernels import dtype_code, kernels_module
 from .attention import (
-    ATTENTION_DTYPES,
-    MAX_ROWS,
+    _attention_kernel_applies,
     _call,
     _check_attention_args,
     _check_rope_args,
+    _rope_kernel_applies,
     decode_attention_ref,
     rope_append_ref,
 )
@@ -42,9 +42,9 @@ def rope_attention(
     for the depth decoder's one-token steps; returns out (N, H, hd).
 
     Same arguments as the two ops (out takes q_out's shape). Each row must use its own cache row: the kernel
-    does not see another row's new key, where the two-op path (and the reference) would. The kernel runs for
-    contiguous bf16/fp16 CUDA tensors with hd = 128, S <= 64, H = Hkv * rep with rep <= 8, N <= 65535, outside
-    autograd; anything else runs `rope_attention_ref`."""
+    does not see another row's new key, where the two-op path (and the reference) would. The kernel runs where
+    both unfused kernels would (contiguous, 16-byte aligned bf16/fp16 CUDA tensors, N <= 65535, outside
+    autograd) with hd = 128, S <= 64 and H = Hkv * rep, rep <= 8; anything else runs `rope_attention_ref`."""
     scale = _check_rope_attention_args(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, out, scale)
     if not _rope_attention_kernel_applies(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, out):
         return rope_attention_ref(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, out, scale)
@@ -97,17 +97,12 @@ def _check_rope_attention_args(qkv, positions, cache_rows, inv_freq, k_cache, v_
 
 
 def _rope_attention_kernel_applies(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, out) -> bool:
+    """Where both fused kernels would run (ops/attention.py), for the one shape family compiled."""
     H, (S, Hkv, hd) = out.shape[1], k_cache.shape[1:]
     return (
-        qkv.is_cuda
-        and qkv.dtype in ATTENTION_DTYPES
-        and hd == ROPE_ATTENTION_HEAD_DIM
+        hd == ROPE_ATTENTION_HEAD_DIM
         and S <= ROPE_ATTENTION_MAX_CACHE_LEN
         and H // Hkv <= ROPE_ATTENTION_MAX_REP
-        and qkv.shape[0] <= MAX_ROWS
-        and all(t.is_contiguous() for t in (qkv, positions, cache_rows, inv_freq, k_cache, v_cache, out))
-        and all(t.data_ptr() % 8 == 0 for t in (qkv, k_cache, v_cache, out))
-        and inv_freq.dtype == torch.float32
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, k_cache, v_cache)))
-        and has_cuda_kernels()
+        and _rope_kernel_applies(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, out)
+        and _attention_kernel_applies(out, k_cache, v_cache, cache_rows, positions, out, None)
     )
