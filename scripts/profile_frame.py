@@ -72,6 +72,38 @@ def frame_profile(tts, b):
 
 
 @torch.inference_mode()
+def graph_profile(tts, b, replays=3):
+    """Kernels of one graph replay (the middle of `replays`), by marginal cost: a kernel's end minus the previous
+    kernel's end. With programmatic dependent launch kernels overlap, so a kernel's own duration includes its
+    wait for the one before; the marginal cost is what the frame would save without it."""
+    tts.setup_caches(b)
+    eng = tts.engine
+    tokens, mask = bench_prompt(tts)
+    eng.set_rows([(r, tokens, mask, 0.9, 50, r) for r in range(b)])
+    for _ in range(5):
+        eng.step(b)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            eng.step(b)
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    per = len(kernels) // replays
+    if per == 0:
+        print(f"batch {b}: the profiler saw no kernels inside graph replays")
+        return
+    frame = kernels[per * (replays // 2) : per * (replays // 2 + 1)]
+    span = (frame[-1].time_range.end - frame[0].time_range.start) / 1e3
+    costs: dict[str, list[float]] = {}
+    for prev, k in zip(frame, frame[1:]):
+        name = k.name.replace("(anonymous namespace)::", "").replace("void ", "").split("(")[0].split("<")[0][-48:]
+        costs.setdefault(name, []).append((k.time_range.end - prev.time_range.end) / 1e3)
+    print(f"batch {b}: graph replay, {per} kernels, {span:.3f} ms from first start to last end; marginal cost:")
+    for name, c in sorted(costs.items(), key=lambda kv: -sum(kv[1])):
+        print(f"   {sum(c):7.3f} ms  {len(c):5d}x  {statistics.median(c) * 1e3:7.2f} us median  {name}")
+
+
+@torch.inference_mode()
 def first_frame_parts(tts):
     tts.setup_caches(1)
     eng = tts.engine
@@ -122,6 +154,7 @@ def mimi_batch(tts, requests=40, frames=25):
 if __name__ == "__main__":
     tts = load_csm_1b_optimized("random", "cuda")
     for b in [int(a) for a in sys.argv[1:]] or [1]:
+        graph_profile(tts, b)
         frame_profile(tts, b)
     first_frame_parts(tts)
     first_audio_parts(tts)

@@ -21,6 +21,7 @@ from seseme_cli.engine import Engine
 from seseme_cli.generator import load_csm_1b_optimized
 from seseme_cli.kernels import has_cuda_kernels
 from seseme_cli.longform import max_chunk_chars, split_text
+from seseme_cli.row_audio import RowAudio
 from seseme_cli.scheduler import Scheduler, Work
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -132,6 +133,25 @@ def test_finished_rows_are_refilled_at_once_and_batching_does_not_change_results
     alone = dict(run(tts, specs, batch_size=1))
     for key, codes in together:  # each row samples with its own seed and counters: same codes as alone
         assert torch.equal(codes, alone[key])
+
+
+def test_rows_decoded_while_generating_equal_one_shot_decodes(tts):
+    # RowAudio (test_row_audio.py) fed by the scheduler: refilled rows start over, a long-form job's chunks go on.
+    specs = [("Short.", 240, 1), (PARAGRAPHS, 160, 2), ("Another short one.", 400, 3), ("Last.", 160, 4)]
+    got, codes = {}, {}
+    audio = RowAudio(tts.codec, 2, lambda w, samples, special: got.setdefault(w.key, samples))
+
+    def finished(work):
+        codes[work.key] = work.job.codes()
+        audio.finish(work)
+
+    scheduler = Scheduler(Engine(tts.model, 2, use_graphs=False), audio=audio)
+    scheduler.run(works(tts, specs), finished, lambda w, e: pytest.fail(str(e)))
+    audio.close()
+    assert sorted(got) == [0, 1, 2, 3] and codes[1].shape[0] > 4  # the story ran several chunks
+    for key, samples in got.items():
+        full = tts.codec.decode(codes[key].masked_fill(codes[key] >= 2048, 0).T)  # specials decode as code 0
+        assert samples.shape == full.shape and (samples - full).abs().max() <= 1e-5 * full.abs().max()
 
 
 def test_idle_rows_are_parked_before_they_run_out_of_cache(tts):

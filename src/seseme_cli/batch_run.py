@@ -1,13 +1,10 @@
-"""Generation for `seseme batch`: the scheduler on the engine's rows, and a writer thread that decodes finished
-requests in groups (Mimi is batched, and causal, so zero-padding a shorter sequence does not change its
-samples), writes each output atomically and appends its manifest record. The frame loop never waits for
-decoding or file encoding.
+"""Generation for `seseme batch`: the scheduler on the engine's rows, Mimi decoding the rows as they generate
+(row_audio.RowAudio, in its own thread), and a small pool of threads that writes each finished request's file
+atomically and appends its manifest record. The frame loop never waits for decoding or file encoding.
 """
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,11 +15,10 @@ from . import audio_io
 from .batch import Manifest, Request
 from .errors import SesemeError
 from .longform import CHUNK_MS, Turn
+from .row_audio import RowAudio
 from .scheduler import Scheduler, Stats, Work
-from .streaming import PIECE_FRAMES, clean_codes, decode_codes
 
-DECODE_FRAMES = 1024  # padded frames per batched decode call (bounds Mimi's activation memory: ~2 GB)
-RESERVE_BYTES = 4 << 30  # GPU memory left for Mimi, context encoding and the allocator when sizing the batch
+RESERVE_BYTES = 8 << 30  # GPU memory left for Mimi (~5 GB per decode call), context encoding and the allocator
 MAX_AUTO_BATCH = 512
 
 
@@ -76,102 +72,33 @@ def make_engine(tts, batch_size: int):
 # --- context audio: read and encoded once per file ---------------------------------------------------------------
 
 class ContextCache:
-    def __init__(self, tts, codec_lock: threading.Lock):
-        self.tts, self.lock, self.turns = tts, codec_lock, {}
+    def __init__(self, tts):
+        self.tts, self.turns = tts, {}
 
     def turn(self, ctx):
         key = str(ctx.audio)
         if key not in self.turns:
             audio = audio_io.load_audio(ctx.audio, target_sample_rate=self.tts.sample_rate)
-            with self.lock:
-                self.turns[key] = self.tts.encode_audio(audio)
+            self.turns[key] = self.tts.encode_audio(audio)
         return Turn(ctx.speaker, ctx.text, self.turns[key])
 
 
-# --- decoding and writing in the background -----------------------------------------------------------------------
-
-def decode_group(codec, group: list[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
-    """Decode several code sequences (frames_i, K) in one padded call -> audio_i (frames_i * frame_size,)."""
-    longest = max(c.shape[0] for c in group)
-    if longest == 0:
-        return [torch.zeros(0) for _ in group], 0
-    padded = torch.zeros(len(group), group[0].shape[1], longest, dtype=torch.long)
-    for i, codes in enumerate(group):
-        padded[i, :, : codes.shape[0]] = codes.T
-    padded, special = clean_codes(padded, codec.cardinality)
-    with torch.inference_mode():
-        audio = codec.decode(padded.to(codec.device)).float().cpu()
-    return [audio[i, : c.shape[0] * codec.frame_size] for i, c in enumerate(group)], special
-
-
-@contextlib.contextmanager
-def _on_side_stream(device: torch.device):
-    """Run this thread's GPU work on its own CUDA stream (nothing on a CPU), next to the frame loop's."""
-    if device.type != "cuda":
-        yield
-        return
-    with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
-        yield
-
+# --- writing in the background ----------------------------------------------------------------------------------
 
 class Writer:
-    """Decodes finished requests in groups on a worker thread (its own CUDA stream), writes the files in a
-    small thread pool, and records each outcome in the manifest."""
+    """Writes finished requests' audio in a small thread pool and records each outcome in the manifest."""
 
-    def __init__(self, tts, codec_lock: threading.Lock, tally: Tally, on_done):
-        self.tts, self.lock, self.tally, self.on_done = tts, codec_lock, tally, on_done
-        self.items: queue.Queue = queue.Queue()
+    def __init__(self, tts, tally: Tally, on_done):
+        self.tts, self.tally, self.on_done = tts, tally, on_done
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="seseme-write")
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, name="seseme-decode", daemon=True)
-        self.thread.start()
 
-    def submit(self, req: Request, codes: torch.Tensor) -> None:
-        if self.error is not None:
-            raise self.error
-        self.items.put((req, codes))
-
-    def close(self) -> None:
-        self.items.put(None)
-        self.thread.join()
-        self.pool.shutdown(wait=True)
-        if self.error is not None:
-            raise self.error
-
-    def _next_group(self):
-        first = self.items.get()
-        if first is None:
-            return None
-        group, frames = [first], first[1].shape[0]
-        with contextlib.suppress(queue.Empty):
-            while frames < DECODE_FRAMES and first[1].shape[0] <= PIECE_FRAMES:
-                item = self.items.get_nowait()
-                if item is None or item[1].shape[0] > PIECE_FRAMES:
-                    self.items.put(item)  # decoded on its own, next
-                    break
-                group.append(item)
-                frames = len(group) * max(c.shape[0] for _, c in group)
-        return group
-
-    def _work(self) -> None:
-        device = self.tts.codec.device
-        try:
-            with _on_side_stream(device):
-                while (group := self._next_group()) is not None:
-                    for (req, _), audio in zip(group, self._decode(group)):
-                        self.pool.submit(self._write, req, audio)
-        except BaseException as e:  # a bug: surfaced by submit/close in the main thread
-            self.error = e
-
-    def _decode(self, group) -> list[torch.Tensor]:
-        codes = [c for _, c in group]
-        with self.lock:
-            if len(group) == 1 and codes[0].shape[0] > PIECE_FRAMES:
-                return [decode_codes(self.tts.codec, codes[0])]
-            audio, special = decode_group(self.tts.codec, codes)
+    def submit(self, req: Request, audio: torch.Tensor, special: int) -> None:
         with self.tally.lock:
             self.tally.special += special
-        return audio
+        self.pool.submit(self._write, req, audio)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
     def _write(self, req: Request, audio: torch.Tensor) -> None:
         try:
@@ -202,9 +129,8 @@ class BatchRun:
         self.tts, self.manifest, self.settings = tts, manifest, settings
         self.progress = progress or (lambda tally, stats: None)
         self.tally = Tally()
-        self.codec_lock = threading.Lock()
         self.manifest_lock = threading.Lock()
-        self.contexts = ContextCache(tts, self.codec_lock)
+        self.contexts = ContextCache(tts)
         self.stats = Stats()
 
     def record(self, req: Request, duration: float | None, error: str | None) -> None:
@@ -232,23 +158,29 @@ class BatchRun:
     def run(self, requests: list[Request]) -> Tally:
         self.tally.total = len(requests)
         batch_size = pick_batch_size(self.tts, self.settings.batch_size, len(requests))
-        scheduler = Scheduler(make_engine(self.tts, batch_size))
+        engine = make_engine(self.tts, batch_size)
+        writer = Writer(self.tts, self.tally, self.record)
+        audio = RowAudio(self.tts.codec, batch_size, lambda work, samples, special: writer.submit(
+            work.key, samples, special))
+        scheduler = Scheduler(engine, audio=audio)
         self.stats = scheduler.stats
-        writer = Writer(self.tts, self.codec_lock, self.tally, self.record)
 
         def finished(work: Work) -> None:
             if work.job.truncated:
                 with self.tally.lock:
                     self.tally.truncated += 1
-            writer.submit(work.key, work.job.codes(self.tts.config.num_codebooks))
+            audio.finish(work)
 
         def failed(work: Work, error: Exception) -> None:
+            audio.discard(work)
             self.record(work.key, None, " ".join(str(error).split()))
 
         try:
             scheduler.run(self._works(requests), finished, failed, lambda stats: self.progress(self.tally, stats))
         finally:
-            writer.close()
+            try:
+                audio.close()
+            finally:
+                writer.close()
         self.tally.batch_size = batch_size
         return self.tally
-

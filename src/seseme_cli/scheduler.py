@@ -6,6 +6,11 @@ waiting, syncs once, and then per row: drops frames from the first all-zero fram
 generation is over (EOS or limit) it starts the job's next chunk (long-form) or the next job, at once. A
 finished row never waits for the slowest one.
 
+An optional `audio` sink (row_audio.RowAudio) is told, every round, what each busy row produced: the frames,
+how many of them count, and whether the row's stream of frames goes on (the same job's next chunk) or starts
+over (a new job), so it can decode the rows while they generate. It hears of a round before any job that ended
+in that round is reported finished.
+
 Rows that are idle still run (a frame runs for the whole batch bucket) and advance their positions; the
 scheduler tracks every row's position on the host and re-parks an idle row on a one-frame dummy prompt before
 it could write past the end of its KV cache.
@@ -59,8 +64,9 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, engine, check_every: int = CHECK_EVERY):
+    def __init__(self, engine, check_every: int = CHECK_EVERY, audio=None):
         self.engine = engine
+        self.audio = audio
         self.window = engine.cfg.max_seq_len
         self.K = engine.cfg.num_codebooks
         self.B = engine.max_batch
@@ -75,6 +81,7 @@ class Scheduler:
         self._park_prompt = (dummy, dummy.bool())
         # Rows to (re)start, by row: prefilled together right before the next frames (Engine.set_rows).
         self._pending: dict[int, tuple] = {}
+        self._fresh: set[int] = set()  # rows given a new job since the last round (their audio starts over)
         for row in range(self.B):
             self._park(row)
 
@@ -102,6 +109,8 @@ class Scheduler:
             return
         self._pending[row] = (row, gen.tokens, gen.mask, work.temperature, work.topk, gen.seed)
         self.positions[row] = gen.tokens.shape[0] - 1
+        if self.rows[row] is None or self.rows[row].work is not work:
+            self._fresh.add(row)
         self.rows[row] = _Row(work, gen.max_frames)
 
     def run(self, works, on_finished, on_failed, on_round=None) -> None:
@@ -133,6 +142,7 @@ class Scheduler:
             if self.rows[row] is None and self.positions[row] + k > self.window:
                 self._park(row)
         self._flush()
+        fresh, self._fresh = self._fresh, set()
         pinned = self.event is not None
         for i in range(k):
             self.host[i, :n].copy_(self.engine.step(n)[:n], non_blocking=pinned)
@@ -144,10 +154,21 @@ class Scheduler:
         frames = self.host[:k, :n].numpy()
         is_eos = (frames == 0).all(axis=2)  # (k, n)
         first_eos = np.where(is_eos.any(axis=0), is_eos.argmax(axis=0), k)
+        works = {row: self.rows[row].work for row in busy}
+        taken, reports = {}, []  # reports: callbacks held back until the audio sink has this round
+        finished = lambda work: reports.append(lambda: on_finished(work))  # noqa: E731
+        failed = lambda work, e: reports.append(lambda: on_failed(work, e))  # noqa: E731
         for row in busy:
-            self._collect(row, frames[:, row], int(first_eos[row]), on_finished, on_failed)
+            taken[row] = self._collect(row, frames[:, row], int(first_eos[row]), finished, failed)
+        if self.audio is not None:
+            goes_on = {row: self.rows[row] is not None and self.rows[row].work is works[row] for row in busy}
+            self.audio.round(frames.copy(), [(row, works[row], taken[row], goes_on[row]) for row in busy], fresh)
+        for report in reports:
+            report()
 
-    def _collect(self, row: int, frames: np.ndarray, eos: int, on_finished, on_failed) -> None:
+    def _collect(self, row: int, frames: np.ndarray, eos: int, on_finished, on_failed) -> int:
+        """Keep the row's frames up to EOS or its limit; when its generation is over, start the next. Returns
+        how many of the frames were kept."""
         state = self.rows[row]
         take = min(eos, state.remaining)
         if take:
@@ -155,7 +176,8 @@ class Scheduler:
             state.produced += take
             self.stats.frames += take
         if eos == len(frames) and state.remaining > 0:
-            return
+            return take
         codes = np.concatenate(state.pieces) if state.pieces else np.zeros((0, self.K), dtype=np.int64)
         state.work.job.finish(torch.from_numpy(codes))
         self._start(row, state.work, on_finished, on_failed)
+        return take

@@ -26,14 +26,20 @@ from .pack import StackWeights
 Tensor = torch.Tensor
 
 # Rows per chunk. Up to 64 rows the linear layers run our kernels into the static buffers; above, cuBLAS through
-# the ops' reference path (a few temporaries from the caching allocator). At CSM-1B's shapes and 256 rows the
-# buffers hold ~9.5 MB of bf16 activations plus ~69 MB of split-KV attention workspace (StackBuffers sizes it
-# for the most splits any row count may use), and a chunk's transients peak near 70 MB (the embedding's
-# (rows, 32, dim) gather). A chunk costs ~130 (<= 64 rows) to ~270 launches of host time whatever its length,
-# estimated a few ms, about its GPU time at 256 rows (weights read once, ~0.5 TFLOP): longer chunks would mostly
-# cost memory, shorter ones launches. The usual prompt (tens of text frames, a few seconds of context audio) is
-# one chunk, a full 2048-frame context 8. (Estimates, not measured.)
+# the ops' reference path (a few temporaries from the caching allocator). A chunk costs ~130 (<= 64 rows) to ~270
+# launches of host time whatever its length, and at 256 rows the host is the bottleneck: 512 prompts of 58 frames
+# (29,184 rows) took 1.20 s in chunks of 256 rows (1.0 s of it host time for 0.27 s of GPU time), 0.37 s in
+# chunks of 1024 and 0.25 s in chunks of 2048 (H100, scripts/decode_probe.py). Memory grows with the chunk: at
+# CSM-1B's shapes ~37 KB of bf16 activations and ~270 KB of split-KV workspace per row (StackBuffers sizes it for
+# the most splits any row count may use). So an engine for one request keeps small chunks (its prompt is one
+# chunk anyway) and an engine for many rows, which prefills many prompts at once, gets big ones.
 CHUNK_ROWS = 256
+MAX_CHUNK_ROWS = 2048
+
+
+def chunk_rows_for(max_batch: int) -> int:
+    """Prefill chunk for an engine of `max_batch` rows: 4 rows per batch row, within [CHUNK_ROWS, MAX_CHUNK_ROWS]."""
+    return min(MAX_CHUNK_ROWS, max(CHUNK_ROWS, 4 * max_batch))
 
 
 @dataclass

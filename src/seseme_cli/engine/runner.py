@@ -16,7 +16,7 @@ from ..model import CsmModel
 from ..tuning import load_tuning
 from .frame import DepthSchedule, FrameBuffers, run_frame
 from .pack import pack
-from .prefill import Prefill, pack_prompts
+from .prefill import Prefill, chunk_rows_for, pack_prompts
 
 log = logging.getLogger("seseme")
 
@@ -65,7 +65,8 @@ class Engine:
         self.weights = pack(model)
         self.tuning = load_tuning(self.device)  # this GPU's `seseme tune` cache (logged), or None: defaults
         self.buf = FrameBuffers(self.cfg, max_batch, self.device, model.c0_head.weight.dtype, self.tuning)
-        self.prefill = Prefill(model, self.weights.backbone, self.tuning, self.buf.linear_workspace)
+        self.prefill = Prefill(model, self.weights.backbone, self.tuning, self.buf.linear_workspace,
+                               chunk_rows_for(max_batch))
         self.buckets = bucket_sizes(max_batch)
         self.schedules = {b: DepthSchedule(b, self.cfg.num_codebooks, self.device) for b in self.buckets}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}

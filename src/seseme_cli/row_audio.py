@@ -1,0 +1,178 @@
+"""Audio of the scheduler's rows while they generate (`seseme batch`): Mimi in streaming mode with one batch slot
+per engine row, fed every scheduler round, in a worker thread on its own CUDA stream.
+
+Decoding finished requests afterwards serialises it behind generation: when many requests end together (the
+usual case in a batch of short ones) the GPU sits on the decode alone. Fed round by round, decoding runs beside
+the next frames instead. Mimi is causal, so a row's samples only depend on the frames fed to its slot so far,
+which gives the same samples as a one-shot decode of each request's codes if every slot is fed exactly its
+request's kept frames:
+- a row that starts a new request is reset first (moshi's per-slot reset mask);
+- frames past a row's EOS or limit in a round are fed too when the row is done with its request (its slot is
+  reset before it is used again), but not when the same request goes on with its next long-form chunk on that
+  row: the round is then decoded in segments and those frames run with the row's slot masked (moshi's exec
+  mask leaves a masked slot's state as it was).
+
+The decoder is a copy of the codec's model that shares its weights (its streaming state must not collide with
+the codec's other users: context encoding, `say --stream`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import queue
+import threading
+
+import numpy as np
+import torch
+
+ROW_FRAMES_PER_CALL = 2048  # slots x frames per Mimi call (activation memory: ~2.4 MB each on the H100, ~5 GB)
+
+
+class RowAudio:
+    """`round(...)` for each scheduler round, `finish(work)` when a request is complete (its audio goes to
+    `on_audio(work, audio, special)`: 1-D float32 CPU samples and how many special ids were decoded as code 0),
+    `discard(work)` for a request that failed, and `close()` at the end. Calls return at once; the work runs in
+    order in a thread. An error in the thread is raised by the next call."""
+
+    def __init__(self, codec, slots: int, on_audio, row_frames_per_call: int = ROW_FRAMES_PER_CALL):
+        self.codec, self.slots, self.on_audio = codec, slots, on_audio
+        self.frames_per_call = max(1, row_frames_per_call // slots)
+        self.items: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.pieces: dict[int, list[torch.Tensor]] = {}  # id(work) -> audio so far (the thread's)
+        self.special: dict[int, int] = {}
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="seseme-row-audio", daemon=True)
+        self.thread.start()
+        self._ready.wait()
+        self._raise()
+
+    # --- the scheduler's side ----------------------------------------------------------------------------------
+
+    def round(self, frames: np.ndarray, rows, fresh) -> None:
+        """frames (k, n, K): the round's codes for rows 0..n-1; rows: [(row, work, kept, goes_on)] for the busy
+        rows (the first `kept` frames are the work's; goes_on: the same work generates on in this row); fresh: rows
+        whose work started with this round."""
+        self._put(("round", frames, list(rows), set(fresh)))
+
+    def finish(self, work) -> None:
+        self._put(("finish", work))
+
+    def discard(self, work) -> None:
+        self._put(("discard", work))
+
+    def close(self) -> None:
+        self.items.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _put(self, item) -> None:
+        self._raise()
+        self.items.put(item)
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    # --- the thread ----------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with self._decoder() as decode:
+                self._ready.set()
+                while (item := self.items.get()) is not None:
+                    if item[0] == "round":
+                        self._round(decode, *item[1:])
+                    elif item[0] == "finish":
+                        work = item[1]
+                        pieces = self.pieces.pop(id(work), [])
+                        audio = torch.cat(pieces) if pieces else torch.zeros(0)
+                        self.on_audio(work, audio, self.special.pop(id(work), 0))
+                    else:
+                        self.pieces.pop(id(item[1]), None)
+                        self.special.pop(id(item[1]), None)
+        except BaseException as e:  # a bug or out of memory: surfaced by the scheduler's next call
+            self.error = e
+            self._ready.set()
+            with contextlib.suppress(queue.Empty):  # let close() find its end marker
+                while self.items.get_nowait() is not None:
+                    pass
+
+    @contextlib.contextmanager
+    def _decoder(self):
+        """A function decode(codes (slots, K, f) long on the device, reset (slots,) bool or None, run (slots,) bool
+        or None) -> audio (slots, f * frame_size) on the device, valid in this thread while the context is open."""
+        from moshi.utils.compile import no_compile
+
+        codec = self.codec
+        model = _sharing_weights(codec.model)
+        stream = torch.cuda.Stream(codec.device) if codec.device.type == "cuda" else None
+        device_ctx = torch.cuda.device(codec.device) if stream is not None else contextlib.nullcontext()
+        # no_compile: moshi would torch.compile its RoPE for every new frame count (seconds each). Entered by this
+        # thread for the whole run, before any other codec user, because moshi's switch is one global flag.
+        with device_ctx, (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()), \
+                torch.inference_mode(), no_compile(), model.streaming(self.slots):
+            states = [m._streaming_state for m in model.modules() if getattr(m, "_streaming_state", None) is not None]
+            for state in states:  # moshi would capture its own CUDA graphs on first use: not in this thread
+                for name in ("graphed_tr_enc", "graphed_tr_dec", "graphed_encoder", "graphed_decoder"):
+                    if getattr(state, name, None) is not None:
+                        getattr(state, name).disable = True
+
+            def decode(codes, reset, run):
+                if reset is not None:
+                    model.reset_streaming(reset)
+                if run is not None:
+                    for state in states:
+                        state.exec_mask.copy_(run)
+                audio = model.decode(codes)[:, 0]
+                if run is not None:
+                    for state in states:
+                        state.exec_mask.fill_(True)
+                return audio
+
+            yield decode
+
+    def _round(self, decode, frames: np.ndarray, rows, fresh: set[int]) -> None:
+        k, n, K = frames.shape
+        card, size = self.codec.cardinality, self.codec.frame_size
+        codes = np.zeros((self.slots, K, k), dtype=np.int64)
+        codes[:n] = frames.transpose(1, 2, 0)
+        special = codes >= card
+        for row, work, kept, _ in rows:
+            count = int(special[row, :, :kept].sum())
+            if count:
+                self.special[id(work)] = self.special.get(id(work), 0) + count
+        codes[special] = 0  # CSM's special ids are not codec codes (random weights sample them)
+        device = self.codec.device
+        codes = torch.from_numpy(codes).to(device)
+        reset = None
+        if fresh:
+            reset = torch.zeros(self.slots, dtype=torch.bool)
+            reset[sorted(fresh)] = True
+            reset = reset.to(device)
+        # Segment borders: where a row that goes on stops keeping frames; from there its slot is masked.
+        stops = sorted({kept for _, _, kept, goes_on in rows if goes_on and kept < k})
+        audio = torch.empty(self.slots, k * size, device=device)
+        bounds = [0, *[s for s in stops if s > 0], k]
+        for a, b in zip(bounds, bounds[1:]):
+            run = None
+            masked = [row for row, _, kept, goes_on in rows if goes_on and kept <= a]
+            if masked:
+                run = torch.ones(self.slots, dtype=torch.bool)
+                run[masked] = False
+                run = run.to(device)
+            for start in range(a, b, self.frames_per_call):
+                end = min(start + self.frames_per_call, b)
+                audio[:, start * size : end * size] = decode(codes[:, :, start:end], reset, run)
+                reset = None
+        audio = audio[:n].cpu()
+        for row, work, kept, _ in rows:
+            if kept:  # a copy: a view would keep the whole round's audio alive as long as any of its requests
+                self.pieces.setdefault(id(work), []).append(audio[row, : kept * size].clone())
+
+
+def _sharing_weights(model):
+    """A deep copy of a (non-streaming) torch module that shares its parameters and buffers with the original."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)

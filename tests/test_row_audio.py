@@ -1,0 +1,89 @@
+"""RowAudio: Mimi decoding of the scheduler's rows round by round gives each request the samples of a one-shot
+decode of its kept codes (tiny random Mimi on the CPU; `seseme batch` runs it on the GPU in test_batch)."""
+
+import numpy as np
+import pytest
+import torch
+
+from seseme_cli.codec import MimiCodec
+from seseme_cli.row_audio import RowAudio
+
+K, FRAME = 32, 1920
+
+
+class Work:  # the scheduler's Work only matters to RowAudio by identity
+    def __init__(self, name):
+        self.name = name
+
+
+def random_frames(k, n, seed):
+    return np.random.default_rng(seed).integers(0, 2048, (k, n, K))
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("row_frames_per_call", [2048, 3, 7])
+def test_rounds_give_each_request_its_one_shot_decode(row_frames_per_call, device):
+    codec = MimiCodec.random("tiny", seed=2, device=device)
+    # On a GPU the one-shot and the streaming decode run different convolution algorithms (TF32 by default).
+    tolerance = 1e-5 if device == "cpu" else 2e-3
+    a, b, c = Work("a"), Work("b"), Work("c")
+    got, kept = {}, {a: [], b: [], c: []}
+    audio = RowAudio(codec, 3, lambda w, samples, special: got.setdefault(w, (samples, special)),
+                     row_frames_per_call=row_frames_per_call)
+    # (row, work, kept, goes_on) per round of 4 frames; slot 2 stays idle (zeros), rows 0..1 run.
+    rounds = [
+        ([(0, a, 4, True), (1, b, 4, True)], {0, 1}),
+        ([(0, a, 2, True), (1, b, 3, False)], set()),  # a's first chunk ends at EOS, its next chunk goes on
+        ([(0, a, 4, True), (1, c, 4, True)], {1}),  # c starts on row 1: its slot starts over
+        ([(0, a, 1, False), (1, c, 0, True)], set()),  # c's chunk ends on the round's first frame
+        ([(1, c, 3, False)], set()),
+    ]
+    for i, (rows, fresh) in enumerate(rounds):
+        frames = random_frames(4, 2, seed=i)
+        if i == 0:
+            frames[1, 0, 5] = 2050  # a special id in a kept frame of a: decoded as 0, counted
+        if i == 1:
+            frames[3, 1, 0] = 2049  # one in a frame b does not keep: neither counted nor decoded into b
+        for row, work, n, _ in rows:
+            kept[work].append(frames[:n, row])
+        audio.round(frames, rows, fresh)
+        for row, work, n, goes_on in rows:
+            if not goes_on:
+                audio.finish(work)
+    audio.close()
+    for work, special in [(a, 1), (b, 0), (c, 0)]:
+        codes = torch.from_numpy(np.concatenate(kept[work]))
+        codes[codes >= 2048] = 0
+        full = codec.decode(codes.T).cpu()
+        samples, count = got[work]
+        assert samples.shape == full.shape == (codes.shape[0] * FRAME,)
+        assert (samples - full).abs().max() <= tolerance * full.abs().max(), work.name
+        assert count == special
+
+
+def test_discarded_and_empty_requests():
+    codec = MimiCodec.random("tiny", seed=3)
+    a, b = Work("a"), Work("b")
+    got = {}
+    audio = RowAudio(codec, 2, lambda w, samples, special: got.setdefault(w, samples))
+    audio.round(random_frames(2, 2, seed=0), [(0, a, 2, True), (1, b, 0, False)], {0, 1})
+    audio.discard(a)  # failed later: its audio is dropped
+    audio.finish(b)  # ended on its first frame: no audio
+    audio.close()
+    assert list(got) == [b] and got[b].numel() == 0
+    assert audio.pieces == {}
+
+
+def test_an_error_in_the_thread_reaches_the_caller():
+    codec = MimiCodec.random("tiny", seed=3)
+
+    def broken(work, samples, special):
+        raise RuntimeError("disk on fire")
+
+    audio = RowAudio(codec, 1, broken)
+    audio.finish(Work("a"))
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        audio.close()
