@@ -331,6 +331,22 @@ def test_fallbacks_to_reference():
 
 @pytest.mark.cuda
 @cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,f,k", [(65, 96, 1024), (200, 8192, 2048), (512, 8192, 1024)])
+def test_swiglu_above_the_kernels_rows_in_one_gemm(n, f, k, dtype):
+    # n > 64: no kernel; one cuBLAS GEMM for gate and up, silu and product into out (ops.linear._swiglu_one_gemm).
+    x, w, _ = make(n, f, k, dtype, "cuda", seed=n, swiglu=True)
+    assert not _kernel_applies(x, w, None, None)
+    out = torch.full((n, f), float("nan"), dtype=dtype, device="cuda")
+    assert swiglu_linear(x, w, out) is out
+    ref = swiglu_linear_ref(x, w)
+    xd, wd = x.double(), w.double()
+    gold = F.silu(xd @ wd[:f].T) * (xd @ wd[f:].T)
+    assert max_err(out, gold) <= 2 * max_err(ref, gold) + 1e-6
+
+
+@pytest.mark.cuda
+@cuda
 def test_batched_leading_dims_and_empty():
     x, w, r = make(6, 300, 512, torch.bfloat16, "cuda", residual=True)
     y = linear(x.view(2, 3, 512), w, residual=r.view(2, 3, 300))

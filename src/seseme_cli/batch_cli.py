@@ -110,7 +110,8 @@ def _summary(plan: Plan, tally: Tally | None, wall: float, frames: int, out_cons
     table.add_row("failed", str(failed), style="bold red" if failed else None)
     if tally and tally.ok:
         table.add_row("audio", f"{tally.audio_s:.1f} s")
-        table.add_row("generation time", f"{wall:.1f} s (batch size {tally.batch_size})")
+        table.add_row("set-up", f"{tally.setup_s:.1f} s (engine, CUDA graphs, decoder)")
+        table.add_row("generation time", f"{wall:.2f} s (batch size {tally.batch_size}; until the last file)")
         table.add_row("frames/s", f"{frames / max(wall, 1e-9):.0f}")
         table.add_row("real-time factor", f"{frames * FRAME_MS / 1000 / max(wall, 1e-9):.1f}x")
     table.add_row("outputs", str(plan.out_dir))

@@ -131,6 +131,11 @@ class RowAudio:
                         state.exec_mask.fill_(True)
                 return audio
 
+            # Warm up at the round's shape (library handles, kernel modules: ~0.3 s in a fresh process), then
+            # start every slot over: set-up, so that the first rounds do not wait for it.
+            decode(torch.zeros(self.slots, codec.num_codebooks, self.frames_per_call, dtype=torch.long,
+                               device=codec.device), None, None)
+            model.reset_streaming()
             yield decode
 
     def _round(self, decode, frames: np.ndarray, rows, fresh: set[int]) -> None:

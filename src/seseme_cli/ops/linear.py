@@ -317,6 +317,9 @@ def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | 
         rms_norm(x, norm_weight, norm_eps, out=norm_out)
         return _dispatch(norm_out, weight, out, residual, cfg, workspace, swiglu)
     if not applies:
+        if swiglu and n > MMA_MAX_N and x.is_cuda and out is not None and out.is_contiguous() \
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return _swiglu_one_gemm(x, weight, out)
         if swiglu:
             return swiglu_linear_ref(x, weight, out, cfg)
         return linear_ref(x, weight, out, residual, cfg)
@@ -347,6 +350,20 @@ def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | 
     else:
         with torch.cuda.device(index):  # the launch goes to the current device's context
             kernels_module().linear(*args)
+    return out
+
+
+def _swiglu_one_gemm(x: Tensor, weight_gate_up: Tensor, out: Tensor) -> Tensor:
+    """SwiGLU above the MMA kernel's rows (prefill chunks, batches > 64): one cuBLAS GEMM for gate and up together
+    (one launch and one pass over x instead of two), silu in place on the gate half, the product written straight
+    into out. The reference's roundings: gate, up, silu and product each rounded to the dtype. Measured in a batch
+    512 frame (H100): the two-GEMM reference spent ~2 ms of its 21.4 ms in the extra GEMM launches, an extra
+    elementwise pass and the copy into out."""
+    f = weight_gate_up.shape[0] // 2
+    y = torch.mm(x.reshape(-1, x.shape[-1]), weight_gate_up.t())
+    gate, up = y[:, :f], y[:, f:]
+    F.silu(gate, inplace=True)
+    torch.mul(gate, up, out=out.view(-1, f))
     return out
 
 
