@@ -46,3 +46,41 @@ for rep in range(2):
             f"alone; prefills {prefill['s']:.3f} s ({prefill['calls']} calls, {prefill['rows']} rows)"
         print(f"scheduler {what}: {sched.stats.frames} frames in {t3 - t2:.2f} s = "
               f"{sched.stats.frames * 0.08 / (t3 - t2):.0f}x real time")
+
+# The `seseme batch` path itself (BatchRun: requests built lazily, row decoding, files written to a temp folder),
+# in this warm process, with the time of each stage's end after the scheduler's start.
+import tempfile
+from pathlib import Path
+from seseme_cli import batch_run, row_audio, scheduler as sched_mod
+from seseme_cli.batch import Manifest, read_requests, plan_outputs
+
+marks = {}
+def mark(name, fn):
+    def wrapped(*a, **k):
+        r = fn(*a, **k)
+        marks.setdefault(name, []).append(time.perf_counter())
+        return r
+    return wrapped
+sched_mod.Scheduler.run = mark("scheduler.run", sched_mod.Scheduler.run)
+row_audio.RowAudio.close = mark("decoding done", row_audio.RowAudio.close)
+batch_run.Writer.close = mark("files written", batch_run.Writer.close)
+batch_run.make_engine = lambda tts, batch_size: tts.engine  # the engine set up above (a second would not fit)
+with tempfile.TemporaryDirectory() as folder:
+    src = Path(folder) / "rq.jsonl"
+    src.write_text("".join(f'{{"id": "r{i}", "text": "{texts[i % 2]}", "seed": {i}, "max_audio_ms": 4000}}\n'
+                           for i in range(n)))
+    for rep in range(2):
+        out = Path(folder) / f"out{rep}"
+        out.mkdir()
+        requests = read_requests(src)
+        plan_outputs(requests, out, "wav")
+        marks.clear()
+        manifest = Manifest(out / "m.jsonl", out)
+        runner = batch_run.BatchRun(tts, manifest, batch_run.BatchSettings(B))
+        t0 = time.perf_counter()
+        tally = runner.run(requests)
+        t1 = time.perf_counter()
+        start = runner.stats.started
+        stages = ", ".join(f"{k} +{(v[-1] - start):.2f} s" for k, v in marks.items())
+        print(f"BatchRun: set-up {start - t0:.2f} s; {stages}; returned +{t1 - start:.2f} s; "
+              f"{tally.audio_s:.0f} s of audio = {tally.audio_s / (t1 - start):.0f}x real time")
