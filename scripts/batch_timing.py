@@ -26,7 +26,7 @@ def timed_set_rows(requests):
 def jobs():
     return [tts.speech_job(texts[i % 2], i % 2, (), 4000, 0.9, 50, i) for i in range(n)]
 
-for rep in range(2):
+for rep in range(1):
     t1 = time.perf_counter()
     gens = [j.next_generation() for j in jobs()]
     t2 = time.perf_counter(); print(f"{n} jobs and prompts: {(t2 - t1) * 1e3:.0f} ms, prompt frames {gens[0].tokens.shape[0]}")
@@ -64,6 +64,8 @@ def mark(name, fn):
 sched_mod.Scheduler.run = mark("scheduler.run", sched_mod.Scheduler.run)
 row_audio.RowAudio.close = mark("decoding done", row_audio.RowAudio.close)
 batch_run.Writer.close = mark("files written", batch_run.Writer.close)
+sched_mod.Scheduler._round = mark("rounds", sched_mod.Scheduler._round)
+row_audio.RowAudio._round = mark("decoded rounds", row_audio.RowAudio._round)
 batch_run.make_engine = lambda tts, batch_size: tts.engine  # the engine set up above (a second would not fit)
 with tempfile.TemporaryDirectory() as folder:
     src = Path(folder) / "rq.jsonl"
@@ -82,5 +84,7 @@ with tempfile.TemporaryDirectory() as folder:
         t1 = time.perf_counter()
         start = runner.stats.started
         stages = ", ".join(f"{k} +{(v[-1] - start):.2f} s" for k, v in marks.items())
+        for name in ("rounds", "decoded rounds"):
+            print(f"   {name} ended at " + " ".join(f"{t - start:.2f}" for t in marks.get(name, [])))
         print(f"BatchRun: set-up {start - t0:.2f} s; {stages}; returned +{t1 - start:.2f} s; "
               f"{tally.audio_s:.0f} s of audio = {tally.audio_s / (t1 - start):.0f}x real time")

@@ -64,6 +64,18 @@ def test_write_and_read_back(tmp_path, suffix):
     assert sf.info(path).format == {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}[suffix]
 
 
+@pytest.mark.parametrize("suffix", [".wav", ".flac"])
+def test_pcm_samples_are_libsndfiles_own_conversion(tmp_path, suffix):
+    # write_audio converts WAV to 16 bits itself (numpy): the samples must be those libsndfile writes from floats.
+    audio = torch.from_numpy(np.random.default_rng(0).uniform(-1.2, 1.2, 24001).astype(np.float32))
+    audio[:6] = torch.tensor([0.7, -0.3, 100.5, -100.5, 32767.6, -32768.6]) / 32768  # rounding, both range ends
+    write_audio(tmp_path / f"ours{suffix}", audio, 24000)
+    sf.write(tmp_path / f"theirs{suffix}", audio.clamp(-1, 1).numpy(), 24000, subtype="PCM_16")
+    ours, _ = sf.read(tmp_path / f"ours{suffix}", dtype="int16")
+    theirs, _ = sf.read(tmp_path / f"theirs{suffix}", dtype="int16")
+    assert np.array_equal(ours, theirs)
+
+
 def test_unknown_suffix(tmp_path):
     for call in (lambda p: write_audio(p, torch.zeros(10), 24000), check_output_path):
         with pytest.raises(InputError, match=r"\.wav, \.flac, \.ogg"):
