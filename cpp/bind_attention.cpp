@@ -1,5 +1,5 @@
-// Bindings of the attention family: RoPE + KV-cache append (cuda/rope.cu), decode attention over the
-// static KV cache (cuda/attention.cu) and both fused for short caches (cuda/rope_attention.cu). Checks only; the Python side (seseme_cli.ops.attention) has already
+// Bindings of the attention family: RoPE + KV-cache append (cuda/rope.cu) and decode attention over the
+// static KV cache (cuda/attention.cu). Checks only; the Python side (seseme_cli.ops.attention) has already
 // matched shapes, dtypes and devices of the tensors behind these pointers.
 #include <pybind11/pybind11.h>
 
@@ -10,7 +10,6 @@
 
 #include "../cuda/attention.cuh"
 #include "../cuda/rope.cuh"
-#include "../cuda/rope_attention.cuh"
 #include "check.h"
 #include "families.h"
 
@@ -125,40 +124,6 @@ void decode_attention(uintptr_t out, uintptr_t q, uintptr_t k_cache, uintptr_t v
 #endif
 }
 
-void rope_attention(uintptr_t out, uintptr_t k_cache, uintptr_t v_cache, uintptr_t qkv, uintptr_t positions,
-                    bool positions_int32, uintptr_t cache_rows, bool cache_rows_int32, uintptr_t inv_freq,
-                    int64_t rows, int64_t heads, int64_t kv_heads, int64_t cache_batch, int64_t cache_len,
-                    double scale, int dtype, uintptr_t stream) {
-    check(dtype == SESEME_BF16 || dtype == SESEME_F16, "rope_attention: dtype must be bfloat16 or float16");
-    check_shape("rope_attention", rows, heads, kv_heads, cache_batch, cache_len);
-    check(rows <= 65535, "rope_attention: rows must be <= 65535, got " + std::to_string(rows));
-    check(heads / kv_heads <= kRopeAttnMaxRep, "rope_attention: heads / kv_heads must be <= " +
-                                                   std::to_string(kRopeAttnMaxRep) + ", got " +
-                                                   std::to_string(heads / kv_heads));
-    check(cache_len <= kRopeAttnMaxCacheLen, "rope_attention: cache_len must be <= " +
-                                                 std::to_string(kRopeAttnMaxCacheLen) + ", got " +
-                                                 std::to_string(cache_len));
-    check(std::isfinite(scale), "rope_attention: scale must be finite");
-    check(out != 0 && k_cache != 0 && v_cache != 0 && qkv != 0 && positions != 0 && cache_rows != 0 && inv_freq != 0,
-          "rope_attention: all pointers must be non-null device pointers");
-    check(out % 8 == 0 && k_cache % 8 == 0 && v_cache % 8 == 0 && qkv % 8 == 0,
-          "rope_attention: out, qkv and the caches must be 8-byte aligned");
-    check_ptr("positions", positions, positions_int32 ? 4 : 8);
-    check_ptr("cache_rows", cache_rows, cache_rows_int32 ? 4 : 8);
-    check_ptr("inv_freq", inv_freq, 4);
-#if !SESEME_WITH_CUDA
-    no_cuda();
-#else
-    check_launch("rope_attention",
-                 launch_rope_attention(reinterpret_cast<void*>(out), reinterpret_cast<void*>(k_cache),
-                                       reinterpret_cast<void*>(v_cache), reinterpret_cast<const void*>(qkv),
-                                       reinterpret_cast<const void*>(positions), positions_int32,
-                                       reinterpret_cast<const void*>(cache_rows), cache_rows_int32,
-                                       reinterpret_cast<const float*>(inv_freq), rows, heads, kv_heads, cache_batch,
-                                       cache_len, static_cast<float>(scale), dtype, stream));
-#endif
-}
-
 }  // namespace
 
 void bind_attention(py::module_& m) {
@@ -185,13 +150,4 @@ void bind_attention(py::module_& m) {
           "GQA decode attention of each query row over the first lengths[n] slots of cache row cache_rows[n]; "
           "split-KV over num_splits blocks (workspace: fp32, attention_workspace_floats). threads / "
           "keys_per_iter 0 for the defaults. Asynchronous on `stream`.");
-    m.attr("rope_attention_head_dim") = kRopeAttnHeadDim;
-    m.attr("rope_attention_max_cache_len") = kRopeAttnMaxCacheLen;
-    m.attr("rope_attention_max_rep") = kRopeAttnMaxRep;
-    m.def("rope_attention", &rope_attention, py::arg("out"), py::arg("k_cache"), py::arg("v_cache"), py::arg("qkv"),
-          py::arg("positions"), py::arg("positions_int32"), py::arg("cache_rows"), py::arg("cache_rows_int32"),
-          py::arg("inv_freq"), py::arg("rows"), py::arg("heads"), py::arg("kv_heads"), py::arg("cache_batch"),
-          py::arg("cache_len"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
-          "rope_append then decode_attention with lengths = positions + 1, fused, for head_dim 128 and caches of "
-          "<= 64 slots; rows must use distinct cache rows. Asynchronous on `stream`.");
 }

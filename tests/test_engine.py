@@ -13,7 +13,6 @@ import torch
 
 from seseme_cli.checkpoints import load_checkpoint
 from seseme_cli.engine import Engine
-from seseme_cli.engine import frame
 from seseme_cli.engine.frame import TeacherForcing
 from seseme_cli.generator import build_model, generate_frames
 from seseme_cli.kernels import has_cuda_kernels
@@ -64,9 +63,7 @@ def engine_teacher_forced(engine, tokens, mask, forced: torch.Tensor):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["two-op-attention", "fused-depth-attention"])
-def test_engine_greedy_equals_reference_cpu(monkeypatch, fused):
-    monkeypatch.setattr(frame, "FUSED_DEPTH_ATTENTION", fused)
+def test_engine_greedy_equals_reference_cpu():
     ref, model = models("tiny-random", "cpu", torch.float32)
     engine = Engine(model, max_batch=3, use_graphs=False)
     prompts = [prompt(1, 9), prompt(2, 14)]  # different lengths: rows sit at different positions
@@ -103,9 +100,7 @@ def rel_err(a, b):
 
 @cuda
 @needs_kernels
-@pytest.mark.parametrize("fused", [False, True], ids=["two-op-attention", "fused-depth-attention"])
-def test_engine_teacher_forced_logits_close_to_reference_gpu(gpu_models, monkeypatch, fused):
-    monkeypatch.setattr(frame, "FUSED_DEPTH_ATTENTION", fused)  # eager frames: read at each run_frame call
+def test_engine_teacher_forced_logits_close_to_reference_gpu(gpu_models):
     ref, engine = gpu_models
     tokens, mask = prompt(4, 40)
     forced = torch.randint(1, 2048, (3, K), generator=torch.Generator().manual_seed(1))

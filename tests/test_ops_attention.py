@@ -19,7 +19,6 @@ from seseme_cli.config import RopeScaling, TransformerConfig
 from seseme_cli.kernels import has_cuda_kernels, kernels_module
 from seseme_cli.model import Transformer, rope_inv_freq
 from seseme_cli.ops import attention as A
-from seseme_cli.ops import rope_attention as RA
 from seseme_cli.ops.attention import (
     attention_workspace,
     decode_attention,
@@ -105,9 +104,6 @@ def test_module_constants_match_python():
     assert k.attention_max_head_dim == A.MAX_HEAD_DIM == k.rope_max_head_dim
     assert k.attention_max_rep_times_keys == A.MAX_REP_TIMES_KEYS
     assert k.attention_default_keys_per_iter == A.DEFAULT_KEYS_PER_ITER
-    assert k.rope_attention_head_dim == RA.ROPE_ATTENTION_HEAD_DIM
-    assert k.rope_attention_max_cache_len == RA.ROPE_ATTENTION_MAX_CACHE_LEN
-    assert k.rope_attention_max_rep == RA.ROPE_ATTENTION_MAX_REP
 
 
 @pytest.mark.parametrize("H,Hkv,hd", [(4, 2, 16), (3, 1, 6), (2, 2, 8)])
@@ -638,69 +634,3 @@ def test_graph_capture_and_no_allocations(H, Hkv, hd, S):
     gold = attention_gold(q, k_cache, v_cache, rows, lengths)
     ref = decode_attention_ref(q, k_cache, v_cache, rows, lengths, torch.empty_like(q))
     assert max_err(out, gold) <= 2 * max_err(ref, gold) + 1e-5 * v_cache.double().abs().max().item()
-
-
-# ------------------------------------------------------------------------- fused RoPE + attention (short caches)
-
-
-def rope_attention_case(N, H, Hkv, S, dtype, seed):
-    """Distinct cache rows (the fused op's precondition), positions over the whole cache incl. 0, S - 1, 31, 32."""
-    g, hd = gen(seed), 128
-    B = N + 3
-    qkv = (torch.randn(N, (H + 2 * Hkv) * hd, generator=g) * 2).to("cuda", dtype)
-    rows = torch.randperm(B, generator=g)[:N]
-    positions = torch.randint(0, S, (N,), generator=g)
-    for i, p in enumerate([0, S - 1, 31, 32][:N]):
-        positions[i] = min(p, S - 1)
-    inv_freq = rope_inv_freq(hd, 500_000.0, SCALING).cuda()
-    k_cache = torch.randn(B, S, Hkv, hd, generator=g).to("cuda", dtype)
-    v_cache = torch.randn(B, S, Hkv, hd, generator=g).to("cuda", dtype)
-    return qkv, positions.cuda(), rows.to("cuda", torch.int32), inv_freq, k_cache, v_cache
-
-
-@pytest.mark.cuda
-@needs_kernels
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("S", [1, 2, 17, 33, 64])
-@pytest.mark.parametrize("H,Hkv", [(8, 2), (4, 4), (16, 2), (3, 1)])
-@pytest.mark.parametrize("N", [1, 3, 17, 64])
-def test_rope_attention_kernel(N, H, Hkv, S, dtype):
-    qkv, pos, rows, inv_freq, k0, v0 = rope_attention_case(N, H, Hkv, S, dtype, seed=N * 13 + H + S)
-    hd = 128
-    rk, rv, ref = k0.clone(), v0.clone(), torch.empty(N, H, hd, device="cuda", dtype=dtype)
-    RA.rope_attention_ref(qkv, pos, rows, inv_freq, rk, rv, ref)
-    k_cache, v_cache = k0.clone(), v0.clone()
-    out = torch.full((N, H, hd), float("nan"), device="cuda", dtype=dtype)
-    assert RA._rope_attention_kernel_applies(qkv, pos, rows, inv_freq, k_cache, v_cache, out)
-    assert RA.rope_attention(qkv, pos, rows, inv_freq, k_cache, v_cache, out) is out
-
-    # The caches: exactly rope_append's slots (checked against float64), nothing else touched.
-    check_rope_caches(qkv, pos, rows, inv_freq, k0, v0, k_cache, v_cache, H)
-    # The output: against float64 attention of the float64-rotated q over the reference's caches.
-    gq, _, _ = rope_gold(qkv, pos, inv_freq, H, Hkv, hd)
-    gold = attention_gold(gq, rk, rv, rows, pos + 1)
-    floor = 1e-5 * v0.double().abs().max().item()
-    assert torch.isfinite(out).all()
-    err, err_ref = max_err(out, gold), max_err(ref, gold)
-    assert err <= 2 * err_ref + floor, f"error {err:.3g} vs reference {err_ref:.3g}"
-
-
-@pytest.mark.cuda
-@needs_kernels
-def test_rope_attention_kernel_out_of_range():
-    N, H, Hkv, S, dtype = 3, 8, 2, 33, torch.bfloat16
-    qkv, pos, rows, inv_freq, k0, v0 = rope_attention_case(N, H, Hkv, S, dtype, seed=5)
-    rows[0] = k0.shape[0]  # no such cache row: zeros, no write
-    pos[1] = S  # no such slot: no write, attends to all S slots
-    k_cache, v_cache = k0.clone(), v0.clone()
-    out = torch.full((N, H, 128), float("nan"), device="cuda", dtype=dtype)
-    RA.rope_attention(qkv, pos, rows, inv_freq, k_cache, v_cache, out)
-    assert torch.equal(out[0], torch.zeros_like(out[0]))
-    untouched = torch.ones(k0.shape[:2], dtype=torch.bool, device="cuda")
-    untouched[rows[2].long(), pos[2]] = False
-    assert torch.equal(bits(k_cache[untouched]), bits(k0[untouched]))
-    assert torch.equal(bits(v_cache[untouched]), bits(v0[untouched]))
-    # Row 1 attended to all S old slots with q rotated at position S.
-    gq, _, _ = rope_gold(qkv[1:2], pos[1:2], inv_freq, H, Hkv, 128)
-    gold = attention_gold(gq, k0, v0, rows[1:2], pos[1:2])
-    assert max_err(out[1:2], gold) <= 2e-2 * v0.double().abs().max().item()  # ~bf16 rounding of q and out

@@ -13,19 +13,12 @@ import torch
 
 from ..config import CsmConfig, TransformerConfig
 from ..ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append
-from ..ops.rope_attention import rope_attention
 from ..ops.embedding import embed_codes
 from ..ops.linear import linear, linear_workspace_bytes, swiglu_linear
 from ..ops.rmsnorm import rms_norm
 from ..ops.sampling import sample_topk_philox
 from ..tuning import tuned_config
 from .pack import EngineWeights, StackWeights
-
-
-# The depth decoder's one-token steps through the fused RoPE + attention kernel (cuda/rope_attention.cu). Off:
-# the kernel and its parity tests are written but have not run on a GPU yet (the session's device time ran
-# out); turn it on once `pytest -m cuda tests/test_ops_attention.py tests/test_engine.py` passes with it on.
-FUSED_DEPTH_ATTENTION = False
 
 
 class StackBuffers:
@@ -102,11 +95,8 @@ class DepthSchedule:
         self.lengths = [(p + 1).int() for p in self.positions]
 
 
-def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, cache_rows, ws, tuning=None,
-              fused_attention: bool = False) -> torch.Tensor:
-    """The transformer layers over the first n rows of buf.h (in place) -> normed output in buf.xn[:n].
-    fused_attention: RoPE, cache append and attention as one op (`rope_attention`), for one token per cache row
-    with lengths = positions + 1 (the depth decoder's steps after the first)."""
+def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, cache_rows, ws, tuning=None) -> torch.Tensor:
+    """The transformer layers over the first n rows of buf.h (in place) -> normed output in buf.xn[:n]."""
     h, xn, qkv, q, attn, act = buf.h[:n], buf.xn[:n], buf.qkv[:n], buf.q[:n], buf.attn[:n], buf.act[:n]
     # Tuned launch parameters ({} = the ops' defaults); every layer of a stack has the same shapes.
     H, (S, Hkv, hd) = q.shape[1], w.layers[0].k_cache.shape[1:]
@@ -119,12 +109,8 @@ def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, ca
         # The pre-attention and pre-MLP norms run inside the projections (fused when the GEMV runs, else
         # rms_norm into xn first); xn is scratch here.
         linear(h, layer.wqkv, out=qkv, workspace=ws, norm_weight=layer.attn_norm, norm_eps=w.eps, norm_out=xn, **t_qkv)
-        if fused_attention:
-            rope_attention(qkv, positions, cache_rows, w.inv_freq, layer.k_cache, layer.v_cache, attn)
-        else:
-            rope_append(qkv, positions, cache_rows, w.inv_freq, layer.k_cache, layer.v_cache, q, **t_rope)
-            decode_attention(q, layer.k_cache, layer.v_cache, cache_rows, lengths, attn, workspace=buf.workspace,
-                             **t_attn)
+        rope_append(qkv, positions, cache_rows, w.inv_freq, layer.k_cache, layer.v_cache, q, **t_rope)
+        decode_attention(q, layer.k_cache, layer.v_cache, cache_rows, lengths, attn, workspace=buf.workspace, **t_attn)
         linear(attn.view(n, -1), layer.wo, out=h, residual=h, workspace=ws, **t_o)
         swiglu_linear(h, layer.w_gate_up, out=act, workspace=ws, norm_weight=layer.mlp_norm, norm_eps=w.eps, norm_out=xn,
                       **t_up)
@@ -178,8 +164,7 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     # Depth steps 2..K-1: the previous codebook's embedding at position i.
     for i in range(2, K):
         embed_codes(codes[i - 1].view(b, 1), w.projected_embed[(i - 1) * V : i * V], buf.depth.h[:b], V)
-        out = run_stack(w.depth, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows, ws, tuning,
-                        fused_attention=FUSED_DEPTH_ATTENTION)  # one token per cache row
+        out = run_stack(w.depth, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows, ws, tuning)
         linear(out, w.audio_heads[i - 1], out=logits, workspace=ws, **t_head)
         sample_topk_philox(logits, temperature, topk, seeds, counters, i, codes[i], **t_sample)
         if teacher:
