@@ -83,8 +83,6 @@ with tempfile.TemporaryDirectory() as folder:
         tally = runner.run(requests)
         t1 = time.perf_counter()
         start = runner.stats.started
-        stages = ", ".join(f"{k} +{(v[-1] - start):.2f} s" for k, v in marks.items())
-        for name in ("rounds", "decoded rounds"):
-            print(f"   {name} ended at " + " ".join(f"{t - start:.2f}" for t in marks.get(name, [])))
-        print(f"BatchRun: set-up {start - t0:.2f} s; {stages}; returned +{t1 - start:.2f} s; "
-              f"{tally.audio_s:.0f} s of audio = {tally.audio_s / (t1 - start):.0f}x real time")
+        stages = ", ".join(f"{k} +{(v[-1] - start):.2f} s" for k, v in marks.items() if k != "rounds")
+        print(f"BatchRun: set-up {start - t0:.2f} s; {stages}; "
+              f"returned +{t1 - start:.2f} s; {tally.audio_s:.0f} s of audio = {tally.audio_s / (t1 - start):.0f}x real time")

@@ -5,7 +5,6 @@ atomically and appends its manifest record. The frame loop never waits for decod
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -93,9 +92,11 @@ class Writer:
 
     def __init__(self, tts, tally: Tally, on_done):
         self.tts, self.tally, self.on_done = tts, tally, on_done
-        # Encoding and writing (~1.5 ms per 4 s WAV) mostly runs outside the GIL (libsndfile, file system calls),
-        # and when many requests end together the files are the run's tail: one thread per core, up to 16.
-        self.pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 4), thread_name_prefix="seseme-write")
+        # Four threads: FLAC and Vorbis encoding runs outside the GIL and gains from them. WAV files do not: with
+        # 512 requests of 4 s ending together (H100 machine, scripts/batch_timing.py) the run's tail after the last
+        # decoded frame was 0.52 s with one thread, 0.60 s with four and 0.63-0.68 s with sixteen (creating and
+        # renaming files in one folder serialises; more threads only fight over the GIL with the decoder thread).
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="seseme-write")
 
     def submit(self, req: Request, audio: torch.Tensor, special: int) -> None:
         with self.tally.lock:
