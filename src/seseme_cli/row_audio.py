@@ -40,7 +40,7 @@ class RowAudio:
         self.frames_per_call = max(1, row_frames_per_call // slots)
         self.items: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self.pieces: dict[int, list[torch.Tensor]] = {}  # id(work) -> audio so far (the thread's)
+        self.pieces: dict[int, list[np.ndarray]] = {}  # id(work) -> audio so far (the thread's)
         self.special: dict[int, int] = {}
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="seseme-row-audio", daemon=True)
@@ -87,7 +87,8 @@ class RowAudio:
                     elif item[0] == "finish":
                         work = item[1]
                         pieces = self.pieces.pop(id(work), [])
-                        audio = torch.cat(pieces) if pieces else torch.zeros(0)
+                        # numpy, not torch: torch's CPU ops would queue on the intra-op pool with the writers'.
+                        audio = torch.from_numpy(np.concatenate(pieces) if pieces else np.zeros(0, np.float32))
                         self.on_audio(work, audio, self.special.pop(id(work), 0))
                     else:
                         self.pieces.pop(id(item[1]), None)
@@ -171,10 +172,10 @@ class RowAudio:
                 end = min(start + self.frames_per_call, b)
                 audio[:, start * size : end * size] = decode(codes[:, :, start:end], reset, run)
                 reset = None
-        audio = audio[:n].cpu()
+        audio = audio[:n].cpu().numpy()
         for row, work, kept, _ in rows:
             if kept:  # a copy: a view would keep the whole round's audio alive as long as any of its requests
-                self.pieces.setdefault(id(work), []).append(audio[row, : kept * size].clone())
+                self.pieces.setdefault(id(work), []).append(audio[row, : kept * size].copy())
 
 
 def _sharing_weights(model):
