@@ -5,8 +5,6 @@ atomically and appends its manifest record. The frame loop never waits for decod
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -121,18 +119,6 @@ class Writer:
         self.on_done(req, audio.numel() / self.tts.sample_rate, None)
 
 
-@contextlib.contextmanager
-def _short_gil_turns(seconds: float = 2e-4):
-    """CPython hands the GIL over every 5 ms by default. When many requests end together, the decoder thread hands
-    them one by one to the writer threads, and each hand-off can wait out a writer's whole turn."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
-
-
 # --- the run ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -197,14 +183,12 @@ class BatchRun:
             audio.discard(work)
             self.record(work.key, None, " ".join(str(error).split()))
 
-        with _short_gil_turns():
+        try:
+            scheduler.run(self._works(requests), finished, failed, lambda stats: self.progress(self.tally, stats))
+        finally:
             try:
-                scheduler.run(self._works(requests), finished, failed,
-                              lambda stats: self.progress(self.tally, stats))
+                audio.close()
             finally:
-                try:
-                    audio.close()
-                finally:
-                    writer.close()
+                writer.close()
         self.tally.batch_size = batch_size
         return self.tally
