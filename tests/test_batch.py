@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -139,7 +140,7 @@ def test_rows_decoded_while_generating_equal_one_shot_decodes(tts):
     # RowAudio (test_row_audio.py) fed by the scheduler: refilled rows start over, a long-form job's chunks go on.
     specs = [("Short.", 240, 1), (PARAGRAPHS, 160, 2), ("Another short one.", 400, 3), ("Last.", 160, 4)]
     got, codes = {}, {}
-    audio = RowAudio(tts.codec, 2, lambda w, samples, special: got.setdefault(w.key, samples))
+    audio = RowAudio(tts.codec, 2, lambda w, pieces, special: got.setdefault(w.key, torch.from_numpy(np.concatenate(pieces))))
 
     def finished(work):
         codes[work.key] = work.job.codes()

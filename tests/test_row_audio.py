@@ -16,6 +16,10 @@ class Work:  # the scheduler's Work only matters to RowAudio by identity
         self.name = name
 
 
+def joined(pieces):
+    return torch.from_numpy(np.concatenate(pieces)) if pieces else torch.zeros(0)
+
+
 def random_frames(k, n, seed):
     return np.random.default_rng(seed).integers(0, 2048, (k, n, K))
 
@@ -31,7 +35,7 @@ def test_rounds_give_each_request_its_one_shot_decode(row_frames_per_call, devic
     tolerance = 1e-5 if device == "cpu" else 2e-3
     a, b, c = Work("a"), Work("b"), Work("c")
     got, kept = {}, {a: [], b: [], c: []}
-    audio = RowAudio(codec, 3, lambda w, samples, special: got.setdefault(w, (samples, special)),
+    audio = RowAudio(codec, 3, lambda w, pieces, special: got.setdefault(w, (joined(pieces), special)),
                      row_frames_per_call=row_frames_per_call)
     # (row, work, kept, goes_on) per round of 4 frames; slot 2 stays idle (zeros), rows 0..1 run.
     rounds = [
@@ -68,12 +72,12 @@ def test_discarded_and_empty_requests():
     codec = MimiCodec.random("tiny", seed=3)
     a, b = Work("a"), Work("b")
     got = {}
-    audio = RowAudio(codec, 2, lambda w, samples, special: got.setdefault(w, samples))
+    audio = RowAudio(codec, 2, lambda w, pieces, special: got.setdefault(w, pieces))
     audio.round(random_frames(2, 2, seed=0), [(0, a, 2, True), (1, b, 0, False)], {0, 1})
     audio.discard(a)  # failed later: its audio is dropped
     audio.finish(b)  # ended on its first frame: no audio
     audio.close()
-    assert list(got) == [b] and got[b].numel() == 0
+    assert list(got) == [b] and got[b] == []
     assert audio.pieces == {}
 
 

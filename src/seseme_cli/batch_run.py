@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import audio_io
@@ -90,33 +91,38 @@ class ContextCache:
 class Writer:
     """Writes finished requests' audio in a small thread pool and records each outcome in the manifest."""
 
-    def __init__(self, tts, tally: Tally, on_done):
+    def __init__(self, tts, tally: Tally, on_done, threads: int = 1):
         self.tts, self.tally, self.on_done = tts, tally, on_done
-        # Four threads: FLAC and Vorbis encoding runs outside the GIL and gains from them. WAV files do not: with
-        # 512 requests of 4 s ending together (H100 machine, scripts/batch_timing.py) the run's tail after the last
-        # decoded frame was 0.52 s with one thread, 0.60 s with four and 0.63-0.68 s with sixteen (creating and
-        # renaming files in one folder serialises; more threads only fight over the GIL with the decoder thread).
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="seseme-write")
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="seseme-write")
 
-    def submit(self, req: Request, audio: torch.Tensor, special: int) -> None:
+    def submit(self, req: Request, pieces: list[np.ndarray], special: int) -> None:
+        """Write a request's audio, given as 1-D float32 pieces in order (RowAudio's hand-over)."""
         with self.tally.lock:
             self.tally.special += special
-        self.pool.submit(self._write, req, audio)
+        self.pool.submit(self._write, req, pieces)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
-    def _write(self, req: Request, audio: torch.Tensor) -> None:
+    def _write(self, req: Request, pieces: list[np.ndarray]) -> None:
         try:
             req.output.parent.mkdir(parents=True, exist_ok=True)
-            audio_io.write_audio(req.output, audio, self.tts.sample_rate)
+            audio_io.write_audio(req.output, pieces, self.tts.sample_rate)
         except (SesemeError, OSError) as e:
             self.on_done(req, None, str(e))
             return
         except Exception as e:  # noqa: BLE001 - in a pool thread nothing else would ever report it
             self.on_done(req, None, f"{type(e).__name__}: {e}")
             return
-        self.on_done(req, audio.numel() / self.tts.sample_rate, None)
+        self.on_done(req, sum(len(p) for p in pieces) / self.tts.sample_rate, None)
+
+
+def writer_threads(requests: list[Request]) -> int:
+    """One writer thread when every output is WAV, four otherwise. Writing a WAV is mostly Python and numpy calls
+    that hold the GIL, so threads only queue for it: 512 files of 4 s handed over at once took 0.22-0.24 s to
+    write with one thread, 0.28-0.31 s with two and 0.37-0.45 s with four (2-core machine). FLAC and Vorbis
+    encoding runs in libsndfile, where more threads can help."""
+    return 1 if all(r.output.suffix.lower() == ".wav" for r in requests) else 4
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
@@ -166,7 +172,7 @@ class BatchRun:
         started = time.perf_counter()
         batch_size = pick_batch_size(self.tts, self.settings.batch_size, len(requests))
         engine = make_engine(self.tts, batch_size)
-        writer = Writer(self.tts, self.tally, self.record)
+        writer = Writer(self.tts, self.tally, self.record, writer_threads(requests))
         audio = RowAudio(self.tts.codec, batch_size, lambda work, samples, special: writer.submit(
             work.key, samples, special))
         scheduler = Scheduler(engine, audio=audio)

@@ -31,7 +31,8 @@ ROW_FRAMES_PER_CALL = 2048  # slots x frames per Mimi call (activation memory: ~
 
 class RowAudio:
     """`round(...)` for each scheduler round, `finish(work)` when a request is complete (its audio goes to
-    `on_audio(work, audio, special)`: 1-D float32 CPU samples and how many special ids were decoded as code 0),
+    `on_audio(work, pieces, special)`: its samples as a list of 1-D float32 numpy arrays, in order, and how many
+    special ids were decoded as code 0),
     `discard(work)` for a request that failed, and `close()` at the end. Calls return at once; the work runs in
     order in a thread. An error in the thread is raised by the next call."""
 
@@ -86,10 +87,9 @@ class RowAudio:
                         self._round(decode, *item[1:])
                     elif item[0] == "finish":
                         work = item[1]
-                        pieces = self.pieces.pop(id(work), [])
-                        # numpy, not torch: torch's CPU ops would queue on the intra-op pool with the writers'.
-                        audio = torch.from_numpy(np.concatenate(pieces) if pieces else np.zeros(0, np.float32))
-                        self.on_audio(work, audio, self.special.pop(id(work), 0))
+                        # The pieces as they are: joining them is the writer's (a fresh buffer per request costs
+                        # its page faults, and this thread would hand hundreds over at once).
+                        self.on_audio(work, self.pieces.pop(id(work), []), self.special.pop(id(work), 0))
                     else:
                         self.pieces.pop(id(item[1]), None)
                         self.special.pop(id(item[1]), None)
