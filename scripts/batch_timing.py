@@ -34,7 +34,7 @@ for rep in range(1):
         tts.engine.set_rows = timed_set_rows if not decode else set_rows
         prefill.update(s=0.0, calls=0, rows=0)
         got = []
-        audio = RowAudio(tts.codec, B, lambda w, samples, special: got.append(samples.numel())) if decode else None
+        audio = RowAudio(tts.codec, B, lambda w, pieces, special: got.append(sum(len(p) for p in pieces))) if decode else None
         sched = Scheduler(tts.engine, audio=audio)
         torch.cuda.synchronize(); t2 = time.perf_counter()
         sched.run((Work(i, j, 0.9, 50) for i, j in enumerate(jobs())), audio.finish if decode else lambda w: None,
