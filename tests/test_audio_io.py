@@ -112,7 +112,7 @@ def test_read_only_directory(tmp_path):
 
 
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
-    # A failure after the temp file exists (libsndfile rejects the rate): the temp file is removed and an
+    # A failure after the temp file exists (the WAV writer rejects the rate): the temp file is removed and an
     # existing output is untouched. This runs as root too, unlike the permission test above.
     path = tmp_path / "out.wav"
     write_audio(path, torch.zeros(2400), 24000)

@@ -17,7 +17,8 @@ from seseme_cli.errors import InputError
 from seseme_cli.generator import load_csm_1b_optimized
 from seseme_cli.kernels import has_cuda_kernels
 from seseme_cli.longform import Turn
-from seseme_cli.streaming import FileSink, PipeSink, StreamDecoder, decode_codes, pcm16, wav_header
+from seseme_cli.audio_io import pcm16, wav_header
+from seseme_cli.streaming import FileSink, PipeSink, StreamDecoder, decode_codes
 
 FRAME = 1920
 K = 32
@@ -244,9 +245,9 @@ def test_pipe_sink_writes_an_unknown_length_wav(tmp_path):
     assert data[:4] == b"RIFF" and data[8:16] == b"WAVEfmt " and data[36:40] == b"data"
     assert struct.unpack("<I", data[4:8])[0] == 0xFFFFFFFF and struct.unpack("<I", data[40:44])[0] == 0xFFFFFFFF
     assert struct.unpack("<HHIIHH", data[20:36]) == (1, 1, 24000, 48000, 2, 16)
-    assert data[44:] == pcm16(torch.cat(audio))
+    assert data[44:] == pcm16(torch.cat(audio).numpy()).tobytes()
     pcm = np.frombuffer(data[44:], dtype="<i2")
-    assert pcm.max() == 32767 and pcm.min() == -32767
+    assert pcm.max() == 32767 and pcm.min() == -32768  # clipped as in the files write_audio and FileSink write
     # With the real sizes filled in, the same bytes are a valid file for any reader.
     fixed = tmp_path / "fixed.wav"
     fixed.write_bytes(wav_header(24000, len(data) - 44) + data[44:])

@@ -32,7 +32,6 @@ import contextlib
 import logging
 import os
 import queue
-import struct
 import sys
 import tempfile
 import threading
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .audio_io import _SUBTYPES, _format_for, _umask
+from .audio_io import _SUBTYPES, _format_for, _umask, pcm16, wav_header
 from .errors import InputError, SesemeError
 
 log = logging.getLogger("seseme")
@@ -293,17 +292,6 @@ def stream_generation(tts, gen, temperature: float = 0.9, topk: int = 50, first_
 
 # --- sinks: audio written while it grows ----------------------------------------------------------------------
 
-def pcm16(audio: torch.Tensor) -> bytes:
-    return (audio.clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16).numpy().astype("<i2").tobytes()
-
-
-def wav_header(sample_rate: int, data_bytes: int = 0xFFFFFFFF) -> bytes:
-    """A 44-byte PCM16 mono WAV header; the default sizes 0xFFFFFFFF mean 'unknown length' (a stream)."""
-    riff = 0xFFFFFFFF if data_bytes == 0xFFFFFFFF else 36 + data_bytes
-    return (b"RIFF" + struct.pack("<I", riff) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate,
-            2 * sample_rate, 2, 16) + b"data" + struct.pack("<I", data_bytes))
-
-
 class PipeSink:
     """A WAV stream on a binary file object (standard output): an unknown-length header, then PCM16 as it
     comes, flushed after every chunk so a player starts at once."""
@@ -324,7 +312,7 @@ class PipeSink:
             raise SesemeError("standard output was closed before the audio ended") from None
 
     def write(self, audio: torch.Tensor) -> None:
-        self._write(pcm16(audio))
+        self._write(pcm16(audio.detach().float().cpu().numpy()).tobytes())
         self.samples += audio.numel()
 
     def commit(self) -> None:
