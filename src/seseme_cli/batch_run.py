@@ -22,6 +22,9 @@ from .scheduler import Scheduler, Stats, Work
 
 RESERVE_BYTES = 8 << 30  # GPU memory left for Mimi (~5 GB per decode call), context encoding and the allocator
 MAX_AUTO_BATCH = 512
+# Mimi's streaming state per batch row (RowAudio): mostly its decoder transformer's KV cache, fp32, 8 layers x K/V
+# x 250 steps x 512 = 8.2 MB (moshi allocated 500 MB per layer for 512 rows on the H100).
+ROW_AUDIO_SLOT_BYTES = 9 << 20
 
 
 @dataclass
@@ -55,7 +58,7 @@ def pick_batch_size(tts, requested: int | None, todo: int) -> int:
     from .engine.runner import bytes_per_row
 
     free, _ = torch.cuda.mem_get_info(tts.device)
-    fits = int((free - RESERVE_BYTES) // bytes_per_row(tts.config, tts.dtype))
+    fits = int((free - RESERVE_BYTES) // (bytes_per_row(tts.config, tts.dtype) + ROW_AUDIO_SLOT_BYTES))
     if fits < 1:
         raise SesemeError(f"not enough free GPU memory for one batch row ({free / 1e9:.1f} GB free)")
     return max(1, min(fits, MAX_AUTO_BATCH, todo))

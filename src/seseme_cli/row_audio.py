@@ -132,8 +132,8 @@ class RowAudio:
                         state.exec_mask.fill_(True)
                 return audio
 
-            # Warm up at the round's shape (library handles, kernel modules: ~0.3 s in a fresh process), then
-            # start every slot over: set-up, so that the first rounds do not wait for it.
+            # Warm up at a round's shape (cuDNN/cuBLAS handles and kernel modules load on first use), then start
+            # every slot over: that cost belongs to set-up, not to the first round.
             decode(torch.zeros(self.slots, codec.num_codebooks, self.frames_per_call, dtype=torch.long,
                                device=codec.device), None, None)
             model.reset_streaming()
