@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ import seseme_cli
 from seseme_cli import cli
 from seseme_cli.batch import Manifest, Request, RequestError, parse_request, plan_outputs, read_requests
 from seseme_cli.engine import Engine
+from seseme_cli.errors import SesemeError
 from seseme_cli.generator import load_csm_1b_optimized
 from seseme_cli.kernels import has_cuda_kernels
 from seseme_cli.longform import max_chunk_chars, split_text
@@ -153,6 +155,22 @@ def test_rows_decoded_while_generating_equal_one_shot_decodes(tts):
     for key, samples in got.items():
         full = tts.codec.decode(codes[key].masked_fill(codes[key] >= 2048, 0).T)  # specials decode as code 0
         assert samples.shape == full.shape and (samples - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def test_batch_size_that_fits_counts_the_engine_row_and_its_decoder_slot(tts, monkeypatch):
+    from seseme_cli import batch_run
+    from seseme_cli.engine.runner import bytes_per_row
+
+    per_row = bytes_per_row(tts.config, torch.bfloat16) + batch_run.ROW_AUDIO_SLOT_BYTES
+    gpu = SimpleNamespace(device=torch.device("cuda"), config=tts.config, dtype=torch.bfloat16)
+    free = batch_run.RESERVE_BYTES + 100 * per_row + per_row // 2
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 2 * free))
+    assert batch_run.pick_batch_size(gpu, None, 1000) == 100
+    assert batch_run.pick_batch_size(gpu, None, 7) == 7  # never more rows than requests
+    assert batch_run.pick_batch_size(gpu, 3, 1000) == 3  # asked for
+    free = batch_run.RESERVE_BYTES + per_row // 2
+    with pytest.raises(SesemeError, match="not enough free GPU memory"):
+        batch_run.pick_batch_size(gpu, None, 10)
 
 
 def test_idle_rows_are_parked_before_they_run_out_of_cache(tts):
