@@ -31,6 +31,29 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
     return v;
 }
 
+// Transpose-reduce of C values per lane over the lanes of the warp. Each stage halves the values a lane keeps:
+// lanes with bit OFF set keep the upper half and send the lower. Afterwards a lane holds max(1, C/32) complete
+// sums in v[0..], for the value indices lane_base(lane) + j.
+template <int C, int OFF, int V>
+__device__ __forceinline__ void transpose_reduce(float (&v)[V], int lane) {
+    if constexpr (OFF > 0) {
+        if constexpr (C > 1) {
+            constexpr int H = C / 2;
+            const bool upper = (lane & OFF) != 0;
+#pragma unroll
+            for (int i = 0; i < H; i++) {
+                const float send = upper ? v[i] : v[i + H];
+                const float keep = upper ? v[i + H] : v[i];
+                v[i] = keep + __shfl_xor_sync(kFull, send, OFF);
+            }
+            transpose_reduce<H, OFF / 2>(v, lane);
+        } else {
+            v[0] += __shfl_xor_sync(kFull, v[0], OFF);
+            transpose_reduce<1, OFF / 2>(v, lane);
+        }
+    }
+}
+
 // Stages that halve the value count: min(5, log2(V)).
 template <int V>
 constexpr int kHalvings = V >= 32 ? 5 : V >= 16 ? 4 : V >= 8 ? 3 : V >= 4 ? 2 : V >= 2 ? 1 : 0;
