@@ -16,7 +16,7 @@ because every state update on this path is in place (`[:] =`, `scatter_`, `add_`
 `exec_mask`); the one exception, replicate padding's `first` flag, is reassigned, so such a model stays eager.
 moshi's own per-module CUDA graphs are switched off (`no_cuda_graph`): ours covers the whole decode. The capture
 happens in the caller's thread when the codec's first StreamDecoder is entered, before generation starts, so it
-never races the generation thread (`decode_codes`, which may run beside generation, never captures). On a CPU,
+never races the generation thread (`decode_codes`, for whole sequences, never captures). On a CPU,
 if capture fails, and for chunks over GRAPH_MAX_FRAMES (long pieces), decoding is eager, one call per chunk, on
 the same state.
 
@@ -214,7 +214,7 @@ def decode_codes(codec, codes: torch.Tensor, piece_frames: int = PIECE_FRAMES) -
         warn_special(special)
         with torch.inference_mode():
             return codec.decode(codes.T.to(codec.device)).float().cpu().reshape(-1)
-    # No capture here: this may run beside generation (batch's decode thread), and long pieces decode eagerly.
+    # No capture: long pieces decode eagerly (the graphs are for one-frame chunks).
     with StreamDecoder(codec, capture=False) as dec:
         audio = torch.cat([dec.decode(codes[i : i + piece_frames]) for i in range(0, codes.shape[0], piece_frames)])
     warn_special(dec.special)
