@@ -1,8 +1,12 @@
 """Where a `seseme batch` run of many short requests spends its time (a diagnostic on a GPU, random weights):
 engine set-up, building the requests' prompts, the scheduler alone (its prefills timed apart), and the scheduler
-with Mimi decoding the rows as they generate (row_audio.RowAudio; no files written).
+with Mimi decoding the rows as they generate (row_audio.RowAudio; no files written), then the `seseme batch`
+path itself (BatchRun, files in a temp folder) stage by stage.
 Usage: python scripts/batch_timing.py REQUESTS BATCH_SIZE"""
-import sys, time, torch
+import sys, tempfile, time, torch
+from pathlib import Path
+from seseme_cli import batch_run, row_audio, scheduler as sched_mod
+from seseme_cli.batch import Manifest, read_requests, plan_outputs
 from seseme_cli import load_csm_1b_optimized
 from seseme_cli.row_audio import RowAudio
 from seseme_cli.scheduler import Scheduler, Work
@@ -49,11 +53,6 @@ for rep in range(1):
 
 # The `seseme batch` path itself (BatchRun: requests built lazily, row decoding, files written to a temp folder),
 # in this warm process, with the time of each stage's end after the scheduler's start.
-import tempfile
-from pathlib import Path
-from seseme_cli import batch_run, row_audio, scheduler as sched_mod
-from seseme_cli.batch import Manifest, read_requests, plan_outputs
-
 marks = {}
 def mark(name, fn):
     def wrapped(*a, **k):
@@ -64,7 +63,6 @@ def mark(name, fn):
 sched_mod.Scheduler.run = mark("scheduler.run", sched_mod.Scheduler.run)
 row_audio.RowAudio.close = mark("decoding done", row_audio.RowAudio.close)
 batch_run.Writer.close = mark("files written", batch_run.Writer.close)
-sched_mod.Scheduler._round = mark("rounds", sched_mod.Scheduler._round)
 row_audio.RowAudio._round = mark("decoded rounds", row_audio.RowAudio._round)
 batch_run.make_engine = lambda tts, batch_size: tts.engine  # the engine set up above (a second would not fit)
 with tempfile.TemporaryDirectory() as folder:
@@ -83,6 +81,6 @@ with tempfile.TemporaryDirectory() as folder:
         tally = runner.run(requests)
         t1 = time.perf_counter()
         start = runner.stats.started
-        stages = ", ".join(f"{k} +{(v[-1] - start):.2f} s" for k, v in marks.items() if k != "rounds")
+        stages = ", ".join(f"{k} +{(v[-1] - start):.2f} s" for k, v in marks.items())
         print(f"BatchRun: set-up {start - t0:.2f} s; {stages}; "
               f"returned +{t1 - start:.2f} s; {tally.audio_s:.0f} s of audio = {tally.audio_s / (t1 - start):.0f}x real time")
