@@ -145,11 +145,12 @@ class RowAudio:
         codes = np.zeros((self.slots, K, k), dtype=np.int64)
         codes[:n] = frames.transpose(1, 2, 0)
         special = codes >= card
-        for row, work, kept, _ in rows:
-            count = int(special[row, :, :kept].sum())
-            if count:
-                self.special[id(work)] = self.special.get(id(work), 0) + count
-        codes[special] = 0  # CSM's special ids are not codec codes (random weights sample them)
+        if special.any():  # CSM's special ids are not codec codes (random weights sample them): decode them as 0
+            for row, work, kept, _ in rows:
+                count = int(special[row, :, :kept].sum())
+                if count:
+                    self.special[id(work)] = self.special.get(id(work), 0) + count
+            codes[special] = 0
         device = self.codec.device
         codes = torch.from_numpy(codes).to(device)
         reset = None
