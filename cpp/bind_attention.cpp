@@ -1,5 +1,6 @@
-// Bindings of the attention family: RoPE + KV-cache append (cuda/rope.cu) and decode attention over the
-// static KV cache (cuda/attention.cu). Checks only; the Python side (seseme_cli.ops.attention) has already
+// Bindings of the attention family: RoPE + KV-cache append (cuda/rope.cu), decode attention over the
+// static KV cache (cuda/attention.cu) and both in one kernel for short caches (cuda/rope_append_attention.cu).
+// Checks only; the Python side (seseme_cli.ops.attention) has already
 // matched shapes, dtypes and devices of the tensors behind these pointers.
 #include <pybind11/pybind11.h>
 
@@ -10,6 +11,7 @@
 
 #include "../cuda/attention.cuh"
 #include "../cuda/rope.cuh"
+#include "../cuda/rope_append_attention.cuh"
 #include "check.h"
 #include "families.h"
 
@@ -124,6 +126,50 @@ void decode_attention(uintptr_t out, uintptr_t q, uintptr_t k_cache, uintptr_t v
 #endif
 }
 
+void rope_append_attention(uintptr_t out, uintptr_t k_cache, uintptr_t v_cache, uintptr_t qkv, uintptr_t positions,
+                           bool positions_int32, uintptr_t cache_rows, bool cache_rows_int32, uintptr_t lengths,
+                           bool lengths_int32, uintptr_t inv_freq, int64_t rows, int64_t heads, int64_t kv_heads,
+                           int64_t head_dim, int64_t cache_batch, int64_t cache_len, double scale,
+                           int heads_per_block, int threads, int dtype, uintptr_t stream) {
+    check(dtype == SESEME_BF16 || dtype == SESEME_F16, "rope_append_attention: dtype must be bfloat16 or float16");
+    check_shape("rope_append_attention", rows, heads, kv_heads, cache_batch, cache_len);
+    check(rows <= 65535, "rope_append_attention: rows must be <= 65535, got " + std::to_string(rows));
+    check(head_dim >= 16 && head_dim % 16 == 0 && head_dim <= kShortAttnMaxHeadDim,
+          "rope_append_attention: head_dim must be a multiple of 16 in [16, " +
+              std::to_string(kShortAttnMaxHeadDim) + "], got " + std::to_string(head_dim));
+    check(cache_len <= kShortAttnMaxLen, "rope_append_attention: cache length must be <= " +
+                                             std::to_string(kShortAttnMaxLen) + ", got " + std::to_string(cache_len));
+    check(heads / kv_heads <= 8, "rope_append_attention: at most 8 query heads per KV head");
+    check(std::isfinite(scale), "rope_append_attention: scale must be finite");
+    check(heads_per_block == 0 || (heads_per_block >= 1 && (heads / kv_heads) % heads_per_block == 0),
+          "rope_append_attention: heads_per_block must be 0 (default) or divide heads / kv_heads, got " +
+              std::to_string(heads_per_block));
+    check(threads == 0 || (threads % 32 == 0 && threads >= 32 && threads <= kShortAttnMaxThreads),
+          "rope_append_attention: threads must be 0 (default) or a multiple of 32 in [32, " +
+              std::to_string(kShortAttnMaxThreads) + "], got " + std::to_string(threads));
+    check(out != 0 && k_cache != 0 && v_cache != 0 && qkv != 0 && positions != 0 && cache_rows != 0 &&
+              lengths != 0 && inv_freq != 0,
+          "rope_append_attention: all pointers must be non-null device pointers");
+    check(out % 16 == 0 && k_cache % 16 == 0 && v_cache % 16 == 0 && qkv % 16 == 0,
+          "rope_append_attention: out, qkv and the caches must be 16-byte aligned");
+    check_ptr("positions", positions, positions_int32 ? 4 : 8);
+    check_ptr("cache_rows", cache_rows, cache_rows_int32 ? 4 : 8);
+    check_ptr("lengths", lengths, lengths_int32 ? 4 : 8);
+    check_ptr("inv_freq", inv_freq, 4);
+#if !SESEME_WITH_CUDA
+    no_cuda();
+#else
+    check_launch("rope_append_attention",
+                 launch_rope_append_attention(
+                     reinterpret_cast<void*>(out), reinterpret_cast<void*>(k_cache), reinterpret_cast<void*>(v_cache),
+                     reinterpret_cast<const void*>(qkv), reinterpret_cast<const void*>(positions), positions_int32,
+                     reinterpret_cast<const void*>(cache_rows), cache_rows_int32,
+                     reinterpret_cast<const void*>(lengths), lengths_int32, reinterpret_cast<const float*>(inv_freq),
+                     rows, heads, kv_heads, head_dim, cache_batch, cache_len, static_cast<float>(scale),
+                     heads_per_block, threads, dtype, stream));
+#endif
+}
+
 }  // namespace
 
 void bind_attention(py::module_& m) {
@@ -150,4 +196,16 @@ void bind_attention(py::module_& m) {
           "GQA decode attention of each query row over the first lengths[n] slots of cache row cache_rows[n]; "
           "split-KV over num_splits blocks (workspace: fp32, attention_workspace_floats). threads / "
           "keys_per_iter 0 for the defaults. Asynchronous on `stream`.");
+    m.attr("short_attention_max_len") = kShortAttnMaxLen;
+    m.attr("short_attention_max_head_dim") = kShortAttnMaxHeadDim;
+    m.attr("short_attention_group_rows") = kShortAttnGroupRows;
+    m.def("rope_append_attention", &rope_append_attention, py::arg("out"), py::arg("k_cache"), py::arg("v_cache"),
+          py::arg("qkv"), py::arg("positions"), py::arg("positions_int32"), py::arg("cache_rows"),
+          py::arg("cache_rows_int32"), py::arg("lengths"), py::arg("lengths_int32"), py::arg("inv_freq"),
+          py::arg("rows"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("cache_batch"),
+          py::arg("cache_len"), py::arg("scale"), py::arg("heads_per_block"), py::arg("threads"), py::arg("dtype"),
+          py::arg("stream"),
+          "rope_append then decode_attention in one kernel, for caches of at most short_attention_max_len slots "
+          "and rows with distinct cache rows. heads_per_block / threads 0 for the defaults. Asynchronous on "
+          "`stream`.");
 }

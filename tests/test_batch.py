@@ -1,6 +1,7 @@
 """`seseme batch`: request parsing, output naming and checks, the manifest, continuous batching on the engine's
 rows, and end to end on real files (tiny random model on the CPU; the real-size random model on a GPU)."""
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from typer.testing import CliRunner
 import seseme_cli
 from seseme_cli import cli
 from seseme_cli.batch import Manifest, Request, RequestError, parse_request, plan_outputs, read_requests
+from seseme_cli.batch_run import Tally, Writer
 from seseme_cli.engine import Engine
 from seseme_cli.errors import SesemeError
 from seseme_cli.generator import load_csm_1b_optimized
@@ -112,6 +114,37 @@ def test_manifest_survives_a_line_cut_short(tmp_path):
     lines = path.read_text().splitlines()
     assert json.loads(lines[-1]) == {"line": 2, "id": "c", "output": "c.wav", "duration_s": 1.5, "status": "ok",
                                      "error": None}
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_writer_prepares_writes_and_discards(tmp_path, threads):
+    root = tmp_path.resolve()
+    (root / "taken").write_text("a file where a directory should be")
+    reqs = {name: Request(i, id=name, output=root / out) for i, (name, out) in enumerate(
+        [("ok", "ok.wav"), ("dropped", "dropped.wav"), ("unprepared", "unprepared.flac"), ("blocked", "taken/x.wav"),
+         ("left", "left.wav"), ("sub", "new/sub.ogg")])}
+    done = {}
+    tally = Tally()
+    writer = Writer(SimpleNamespace(sample_rate=24000), tally, lambda req, s, e: done.setdefault(req.id, (s, e)),
+                    threads)
+    for name in ("ok", "dropped", "blocked", "left", "sub"):
+        writer.prepare(reqs[name])
+    concurrent.futures.wait(writer.prepared.values())  # every prepare has run
+    parts = sorted(p.relative_to(root).as_posix().split(".")[1] for p in root.rglob("*.part"))
+    assert parts == ["dropped", "left", "ok", "sub"] and not done  # made before any audio; "new" made for it
+    pieces = [np.full(1000, 0.25, np.float32), np.full(920, -0.25, np.float32)]
+    for name in ("ok", "unprepared", "blocked", "sub"):
+        writer.submit(reqs[name], pieces, special=2)
+    writer.discard(reqs["dropped"])
+    writer.close()  # "left" was never written: its temp file goes too
+    assert done["ok"] == done["unprepared"] == done["sub"] == (1920 / 24000, None)
+    assert done["blocked"][0] is None and "File exists" in done["blocked"][1] and "\n" not in done["blocked"][1]
+    assert set(done) == {"ok", "unprepared", "blocked", "sub"} and tally.special == 8
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == \
+        ["new/sub.ogg", "ok.wav", "taken", "unprepared.flac"]
+    assert np.array_equal(sf.read(root / "ok.wav", dtype="float32")[0], np.concatenate(pieces))
 
 
 # --- continuous batching on the engine ----------------------------------------------------------------------------
@@ -235,6 +268,29 @@ def test_batch_end_to_end_and_rerun(tmp_path, monkeypatch):
     assert (out / "hello.ogg").stat().st_mtime_ns == mtime and (out / "2.ogg").exists()
     last = manifest_records(out / "reqs.manifest.jsonl")[-1]
     assert (last["line"], last["status"]) == (2, "ok")
+
+
+def test_requests_failing_after_their_file_was_prepared_leave_no_temp_file(tmp_path, monkeypatch):
+    # The temp file is made as a request starts generating. "long": its prompt is past the context window, which
+    # only the scheduler finds (after the temp file was made); "blocked": its directory cannot be made, which the
+    # writer finds while preparing and reports when the audio is there, as it reports a failed write.
+    left_at_close = []
+    close = Writer.close
+    monkeypatch.setattr(Writer, "close", lambda self: (left_at_close.append(len(self.prepared)), close(self)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "taken").write_text("a file where a directory should be")
+    lines = [{"id": "ok", "text": "Fine.", "max_audio_ms": 160, "seed": 1},
+             {"id": "long", "text": "Too long.", "context": [{"audio": str(CONTEXT), "text": "word " * 2100}]},
+             {"id": "blocked", "text": "Nowhere to go.", "max_audio_ms": 160, "out": "taken/blocked.wav"}]
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    result = batch(src, "-o", out, "--batch-size", 2, *TINY)
+    assert result.exit_code == 1, result.output
+    records = {r["id"]: r for r in manifest_records(out / "in.manifest.jsonl")}
+    assert {k: r["status"] for k, r in records.items()} == {"ok": "ok", "long": "failed", "blocked": "failed"}
+    assert "context window" in records["long"]["error"] and "File exists" in records["blocked"]["error"]
+    assert sorted(p.name for p in out.rglob("*")) == ["in.manifest.jsonl", "ok.wav", "taken"]
+    assert left_at_close == [0]  # each was written or discarded as its request ended, not only by the final close
 
 
 def test_all_good_exits_zero_and_defaults_next_to_the_input(tmp_path):

@@ -27,7 +27,10 @@ from seseme_cli.ops.attention import (
     max_keys_per_iter,
     max_num_splits,
     rope_append,
+    rope_append_attention,
+    rope_append_attention_ref,
     rope_append_ref,
+    short_attention_fits,
     workspace_floats,
 )
 
@@ -104,6 +107,8 @@ def test_module_constants_match_python():
     assert k.attention_max_head_dim == A.MAX_HEAD_DIM == k.rope_max_head_dim
     assert k.attention_max_rep_times_keys == A.MAX_REP_TIMES_KEYS
     assert k.attention_default_keys_per_iter == A.DEFAULT_KEYS_PER_ITER
+    assert k.short_attention_max_len == A.SHORT_MAX_LEN
+    assert k.short_attention_max_head_dim == A.SHORT_MAX_HEAD_DIM
 
 
 @pytest.mark.parametrize("H,Hkv,hd", [(4, 2, 16), (3, 1, 6), (2, 2, 8)])
@@ -233,6 +238,32 @@ def test_dispatch_on_cpu_uses_references():
     decode_attention(q1, caches[0], caches[1], rows, lengths, o1, num_splits=3, threads=64, keys_per_iter=2)
     decode_attention_ref(q1, caches[0], caches[1], rows, lengths, o2)
     assert torch.equal(o1, o2)
+
+
+def test_fused_short_attention_on_cpu_is_its_two_references():
+    g = gen(4)
+    N, H, Hkv, hd, B, S = 3, 8, 2, 16, 5, 12
+    qkv = torch.randn(N, (H + 2 * Hkv) * hd, generator=g).bfloat16()
+    rows = torch.tensor([4, 0, 2])
+    positions = torch.tensor([0, 11, 5])
+    lengths = torch.tensor([1, 12, 3], dtype=torch.int32)  # the last row does not attend to its new slot
+    inv_freq = rope_inv_freq(hd, 500_000.0, SCALING)
+    k0, v0 = torch.randn(B, S, Hkv, hd, generator=g).bfloat16(), torch.randn(B, S, Hkv, hd, generator=g).bfloat16()
+    k1, v1, k2, v2 = k0.clone(), v0.clone(), k0.clone(), v0.clone()
+    out = torch.empty(N, H, hd, dtype=torch.bfloat16)
+    assert rope_append_attention(qkv, positions, rows, lengths, inv_freq, k1, v1, out, heads_per_block=2,
+                                 threads=64) is out
+    q = torch.empty_like(out)
+    rope_append_ref(qkv, positions, rows, inv_freq, k2, v2, q)
+    expect = decode_attention_ref(q, k2, v2, rows, lengths, torch.empty_like(out))
+    assert torch.equal(out, expect) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    with pytest.raises(ValueError, match="heads_per_block must be None or divide 4"):
+        rope_append_attention(qkv, positions, rows, lengths, inv_freq, k1, v1, out, heads_per_block=3)
+    with pytest.raises(ValueError, match="threads"):
+        rope_append_attention(qkv, positions, rows, lengths, inv_freq, k1, v1, out, threads=48)
+    assert short_attention_fits(8, 2, 128, 33) and short_attention_fits(32, 8, 64, 64)
+    assert not short_attention_fits(32, 8, 64, 2048) and not short_attention_fits(8, 2, 8, 33)
+    assert not short_attention_fits(16, 1, 64, 33)  # 16 query heads per KV head
 
 
 def test_split_policy(monkeypatch):
@@ -634,3 +665,137 @@ def test_graph_capture_and_no_allocations(H, Hkv, hd, S):
     gold = attention_gold(q, k_cache, v_cache, rows, lengths)
     ref = decode_attention_ref(q, k_cache, v_cache, rows, lengths, torch.empty_like(q))
     assert max_err(out, gold) <= 2 * max_err(ref, gold) + 1e-5 * v_cache.double().abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------- fused, short caches
+
+SHORT_HEAD_SHAPES = [(8, 2, 128), (32, 8, 64), (4, 4, 16), (6, 2, 32), (8, 1, 48)]
+
+
+def short_case(N, H, Hkv, hd, S, dtype, seed):
+    """Rows on distinct cache rows (one unused), positions anywhere in [0, S), lengths mostly position + 1 but
+    also shorter (the new slot not attended), longer (cached slots beyond it) and clamped; NaN in every slot
+    no row may read (beyond its length, except the one it writes)."""
+    g = gen(seed)
+    B = N + 1
+    qkv = (torch.randn(N, (H + 2 * Hkv) * hd, generator=g) * 2).to(dtype)
+    rows = torch.randperm(B, generator=g)[:N]
+    positions = torch.randint(0, S, (N,), generator=g)
+    positions[0] = S - 1
+    lengths = positions + 1
+    for i, delta in zip(range(1, N), (0, -1, 2, S + 5, 0, 1)):
+        lengths[i] = max(0, min(S, int(positions[i]) + 1 + delta)) if delta != S + 5 else S + 5
+    k_cache = torch.randn(B, S, Hkv, hd, generator=g).to(dtype)
+    v_cache = (torch.randn(B, S, Hkv, hd, generator=g) * 2).to(dtype)
+    read = torch.zeros(B, S, dtype=torch.bool)
+    for r, L in zip(rows.tolist(), lengths.clamp(0, S).tolist()):
+        read[r, :L] = True
+    k_cache[~read] = float("nan")
+    v_cache[~read] = float("nan")
+    inv_freq = rope_inv_freq(hd, 500_000.0, SCALING).cuda()
+    return (qkv.cuda(), positions.cuda(), rows.to("cuda", torch.int32), lengths.to("cuda", torch.int32), inv_freq,
+            k_cache.cuda(), v_cache.cuda())
+
+
+def short_gold(qkv, positions, rows, lengths, inv_freq, k_cache, v_cache, H):
+    """float64: the rotated q against caches holding the float64 rotated k and the v at each written slot."""
+    Hkv, hd = k_cache.shape[2], k_cache.shape[3]
+    gq, gk, gv = rope_gold(qkv, positions, inv_freq, H, Hkv, hd)
+    k, v = k_cache.double(), v_cache.double()
+    k[rows.long(), positions.long()] = gk
+    v[rows.long(), positions.long()] = gv
+    return attention_gold(gq, k, v, rows, lengths)
+
+
+@pytest.mark.cuda
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("S", [1, 33, 64])
+@pytest.mark.parametrize("H,Hkv,hd", SHORT_HEAD_SHAPES)
+@pytest.mark.parametrize("N", [1, 2, 3, 7, 17, 64, 130])
+def test_fused_short_attention_kernel(N, H, Hkv, hd, S, dtype):
+    case = short_case(N, H, Hkv, hd, S, dtype, seed=N * 13 + hd + S)
+    qkv, pos, rows, lengths, inv_freq, k0, v0 = case
+    gold = short_gold(*case, H)
+    # The reference's own error, and the two kernels this one replaces (same roundings: caches bit for bit).
+    rk, rv, tk, tv = k0.clone(), v0.clone(), k0.clone(), v0.clone()
+    ref = rope_append_attention_ref(qkv, pos, rows, lengths, inv_freq, rk, rv, torch.empty(N, H, hd, device="cuda",
+                                                                                             dtype=dtype))
+    q2 = torch.empty(N, H, hd, device="cuda", dtype=dtype)
+    rope_append(qkv, pos, rows, inv_freq, tk, tv, q2)
+    two = decode_attention(q2, tk, tv, rows, lengths, torch.empty_like(q2))
+    err_ref = max_err(ref, gold)
+    vmax = torch.nan_to_num(v0.double(), nan=0.0).abs().max().item() + qkv.double().abs().max().item()
+    floor = 1e-5 * vmax
+    rtol = 2 * torch.finfo(dtype).eps
+    out = torch.empty(N, H, hd, device="cuda", dtype=dtype)
+    assert A._short_kernel_applies(qkv, pos, rows, lengths, inv_freq, k0, v0, out)
+    rep = H // Hkv
+    for hpb in [None] + [d for d in range(1, rep + 1) if rep % d == 0]:
+        for threads in (None, 32, 256):
+            k_cache, v_cache = k0.clone(), v0.clone()
+            out.fill_(float("nan"))
+            rope_append_attention(qkv, pos, rows, lengths, inv_freq, k_cache, v_cache, out, heads_per_block=hpb,
+                                  threads=threads)
+            cfg = f"heads_per_block={hpb} threads={threads}"
+            assert torch.isfinite(out).all(), cfg
+            err = max_err(out, gold)
+            assert err <= 2 * err_ref + floor, f"{cfg}: error {err:.3g} vs reference {err_ref:.3g}"
+            assert ((out.double() - two.double()).abs() <= rtol * two.double().abs() + floor).all(), cfg
+            assert torch.equal(bits(k_cache), bits(tk)) and torch.equal(bits(v_cache), bits(tv)), cfg
+
+
+@pytest.mark.cuda
+@needs_kernels
+def test_fused_short_attention_out_of_range_rows_and_positions():
+    N, H, Hkv, hd, S = 4, 8, 2, 32, 10
+    qkv, _, _, _, inv_freq, k_cache, v_cache = short_case(N, H, Hkv, hd, S, torch.bfloat16, seed=9)
+    k_cache, v_cache = torch.nan_to_num(k_cache), torch.nan_to_num(v_cache)
+    B = k_cache.shape[0]
+    rows = torch.tensor([B, -1, 0, 1], device="cuda", dtype=torch.int32)
+    pos = torch.tensor([2, 2, S, -1], device="cuda")
+    lengths = torch.tensor([3, 3, 4, 5], device="cuda", dtype=torch.int32)
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    out = torch.full((N, H, hd), float("nan"), device="cuda", dtype=torch.bfloat16)
+    rope_append_attention(qkv, pos, rows, lengths, inv_freq, k_cache, v_cache, out)
+    assert torch.equal(k_cache, k0) and torch.equal(v_cache, v0)  # nothing written
+    assert torch.equal(out[:2], torch.zeros_like(out[:2]))  # no cache row: L = 0
+    q = torch.empty_like(out)
+    rope_append(qkv, pos, rows, inv_freq, k0.clone(), v0.clone(), q)
+    expect = decode_attention(q[2:], k0, v0, rows[2:], lengths[2:], torch.empty_like(q[2:]))
+    assert torch.allclose(out[2:].float(), expect.float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.cuda
+@needs_kernels
+def test_fused_short_attention_graph_capture_and_no_allocations():
+    N, H, Hkv, hd, S = 3, 8, 2, 128, 33
+    qkv, pos, rows, lengths, inv_freq, k_cache, v_cache = short_case(N, H, Hkv, hd, S, torch.bfloat16, seed=11)
+    k_cache, v_cache = torch.nan_to_num(k_cache), torch.nan_to_num(v_cache)
+    out = torch.empty(N, H, hd, device="cuda", dtype=torch.bfloat16)
+    producer = torch.empty_like(qkv)
+
+    def step():  # qkv comes from the kernel right before, as in the engine
+        producer.copy_(qkv)
+        rope_append_attention(producer, pos, rows, lengths, inv_freq, k_cache, v_cache, out)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, "the kernel path allocated"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    qkv.copy_(torch.randn(qkv.shape, generator=gen(12)).to("cuda", torch.bfloat16))
+    k_copy, v_copy = k_cache.clone(), v_cache.clone()
+    expect = rope_append_attention(qkv, pos, rows, lengths, inv_freq, k_copy, v_copy, torch.empty_like(out))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expect) and torch.equal(k_cache, k_copy) and torch.equal(v_cache, v_copy)

@@ -1,13 +1,14 @@
 """Generation for `seseme batch`: the scheduler on the engine's rows, Mimi decoding the rows as they generate
-(row_audio.RowAudio, in its own thread), and a small pool of threads that writes each finished request's file
-atomically and appends its manifest record. The frame loop never waits for decoding or file encoding.
+(row_audio.RowAudio, in its own thread), and a small pool of threads that creates each request's temp file as it
+starts and, once it is finished, writes the file atomically and appends its manifest record. The frame loop never
+waits for decoding, file creation or encoding.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -92,25 +93,62 @@ class ContextCache:
 # --- writing in the background ----------------------------------------------------------------------------------
 
 class Writer:
-    """Writes finished requests' audio in a small thread pool and records each outcome in the manifest."""
+    """Writes finished requests' audio in a small thread pool and records each outcome in the manifest.
+
+    `prepare(req)` when a request starts generating creates its temp file in the pool at once (see
+    audio_io.PendingAudioFile: creating a file costs more than writing a short one), so that when many requests
+    end together only the writes are left. `submit` writes a request's audio (into its prepared file, or a new
+    one), `discard` drops the prepared file of a request that failed, `close` drops any never written and waits
+    for the pool. prepare and discard are called from the scheduler's thread, submit from RowAudio's."""
 
     def __init__(self, tts, tally: Tally, on_done, threads: int = 1):
         self.tts, self.tally, self.on_done = tts, tally, on_done
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="seseme-write")
+        # id(req) -> Future of its PendingAudioFile: a Request is an unhashable dataclass, and the requests outlive
+        # the writer, so an id is not reused while it is here.
+        self.prepared: dict[int, Future] = {}
+        self.lock = threading.Lock()
+
+    def prepare(self, req: Request) -> None:
+        future = self.pool.submit(self._create, req)
+        with self.lock:
+            self.prepared[id(req)] = future
 
     def submit(self, req: Request, pieces: list[np.ndarray], special: int) -> None:
         """Write a request's audio, given as 1-D float32 pieces in order (RowAudio's hand-over)."""
         with self.tally.lock:
             self.tally.special += special
-        self.pool.submit(self._write, req, pieces)
+        self.pool.submit(self._write, req, self._take(req), pieces)
+
+    def discard(self, req: Request) -> None:
+        """Remove the prepared temp file of a request that will not be written (its failure is recorded elsewhere)."""
+        prepared = self._take(req)
+        if prepared is not None:
+            self.pool.submit(_discard, prepared)
 
     def close(self) -> None:
+        with self.lock:  # left over only when the run stopped early (the scheduler or the decoder raised)
+            left, self.prepared = list(self.prepared.values()), {}
+        for prepared in left:
+            self.pool.submit(_discard, prepared)
         self.pool.shutdown(wait=True)
 
-    def _write(self, req: Request, pieces: list[np.ndarray]) -> None:
+    def _take(self, req: Request) -> Future | None:
+        with self.lock:
+            return self.prepared.pop(id(req), None)
+
+    @staticmethod
+    def _create(req: Request) -> audio_io.PendingAudioFile:
+        req.output.parent.mkdir(parents=True, exist_ok=True)
+        return audio_io.PendingAudioFile(req.output)
+
+    def _write(self, req: Request, prepared: Future | None, pieces: list[np.ndarray]) -> None:
         try:
-            req.output.parent.mkdir(parents=True, exist_ok=True)
-            audio_io.write_audio(req.output, pieces, self.tts.sample_rate)
+            # The pool's threads take its tasks in the order they were submitted, and the prepare task came first,
+            # so it has started on some thread already (or finished): waiting for it here cannot deadlock, however
+            # few threads the pool has. Its errors (say an unwritable directory) are this request's, as any below.
+            pending = prepared.result() if prepared is not None else self._create(req)
+            pending.write(pieces, self.tts.sample_rate)
         except (SesemeError, OSError) as e:
             self.on_done(req, None, str(e))
             return
@@ -118,6 +156,15 @@ class Writer:
             self.on_done(req, None, f"{type(e).__name__}: {e}")
             return
         self.on_done(req, sum(len(p) for p in pieces) / self.tts.sample_rate, None)
+
+
+def _discard(prepared: Future) -> None:
+    """A pool task, after the prepare task (the order argument in Writer._write)."""
+    try:
+        pending = prepared.result()
+    except Exception:  # noqa: BLE001 - nothing was created; the request's failure is recorded by whoever discards
+        return
+    pending.discard()
 
 
 def writer_threads(requests: list[Request]) -> int:
@@ -159,7 +206,8 @@ class BatchRun:
                 self.tally.audio_s += duration
         self.progress(self.tally, self.stats)
 
-    def _works(self, requests: list[Request]):
+    def _works(self, requests: list[Request], writer: Writer):
+        """The scheduler pulls these as rows free up: each request's output file is prepared as it starts."""
         for req in requests:
             try:
                 context = [self.contexts.turn(c) for c in req.context]
@@ -168,6 +216,7 @@ class BatchRun:
             except SesemeError as e:
                 self.record(req, None, " ".join(str(e).split()))
                 continue
+            writer.prepare(req)
             yield Work(req, job, req.temperature, req.topk)
 
     def run(self, requests: list[Request]) -> Tally:
@@ -190,10 +239,12 @@ class BatchRun:
 
         def failed(work: Work, error: Exception) -> None:
             audio.discard(work)
+            writer.discard(work.key)
             self.record(work.key, None, " ".join(str(error).split()))
 
         try:
-            scheduler.run(self._works(requests), finished, failed, lambda stats: self.progress(self.tally, stats))
+            scheduler.run(self._works(requests, writer), finished, failed,
+                          lambda stats: self.progress(self.tally, stats))
         finally:
             try:
                 audio.close()

@@ -12,13 +12,18 @@ from __future__ import annotations
 import torch
 
 from ..config import CsmConfig, TransformerConfig
-from ..ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append
+from ..ops.attention import (attention_workspace, decode_attention, max_num_splits, rope_append,
+                             rope_append_attention, short_attention_fits)
 from ..ops.embedding import embed_codes
 from ..ops.linear import linear, linear_workspace_bytes, swiglu_linear
 from ..ops.rmsnorm import rms_norm
 from ..ops.sampling import sample_topk_philox
 from ..tuning import tuned_config
 from .pack import EngineWeights, StackWeights
+
+# The depth decoder's one-token steps run RoPE + append + attention as one kernel (ops.attention's
+# rope_append_attention) where the shape allows; False = the two kernels (for A/B timing).
+FUSED_SHORT_ATTENTION = True
 
 
 class StackBuffers:
@@ -95,11 +100,16 @@ class DepthSchedule:
         self.lengths = [(p + 1).int() for p in self.positions]
 
 
-def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, cache_rows, ws, tuning=None) -> torch.Tensor:
-    """The transformer layers over the first n rows of buf.h (in place) -> normed output in buf.xn[:n]."""
+def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, cache_rows, ws, tuning=None,
+              one_token_per_cache_row: bool = False, final_norm: bool = True) -> torch.Tensor:
+    """The transformer layers over the first n rows of buf.h (in place) -> normed output in buf.xn[:n]
+    (final_norm=False: the unnormed buf.h[:n], for a head that applies the stack's norm itself).
+    one_token_per_cache_row: the rows have distinct cache rows, and positions, lengths and cache_rows are not
+    written by the QKV projection (the fused short-cache attention's preconditions)."""
     h, xn, qkv, q, attn, act = buf.h[:n], buf.xn[:n], buf.qkv[:n], buf.q[:n], buf.attn[:n], buf.act[:n]
     # Tuned launch parameters ({} = the ops' defaults); every layer of a stack has the same shapes.
     H, (S, Hkv, hd) = q.shape[1], w.layers[0].k_cache.shape[1:]
+    fused = FUSED_SHORT_ATTENTION and one_token_per_cache_row and short_attention_fits(H, Hkv, hd, S)
     t_qkv = tuned_config(tuning, "linear", n, qkv.shape[1], xn.shape[1], False)
     t_o = tuned_config(tuning, "linear", n, h.shape[1], H * hd, False)
     t_up = tuned_config(tuning, "linear", n, act.shape[1], xn.shape[1], True)
@@ -109,12 +119,18 @@ def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, ca
         # The pre-attention and pre-MLP norms run inside the projections (fused when the GEMV runs, else
         # rms_norm into xn first); xn is scratch here.
         linear(h, layer.wqkv, out=qkv, workspace=ws, norm_weight=layer.attn_norm, norm_eps=w.eps, norm_out=xn, **t_qkv)
-        rope_append(qkv, positions, cache_rows, w.inv_freq, layer.k_cache, layer.v_cache, q, **t_rope)
-        decode_attention(q, layer.k_cache, layer.v_cache, cache_rows, lengths, attn, workspace=buf.workspace, **t_attn)
+        if fused:
+            rope_append_attention(qkv, positions, cache_rows, lengths, w.inv_freq, layer.k_cache, layer.v_cache, attn)
+        else:
+            rope_append(qkv, positions, cache_rows, w.inv_freq, layer.k_cache, layer.v_cache, q, **t_rope)
+            decode_attention(q, layer.k_cache, layer.v_cache, cache_rows, lengths, attn, workspace=buf.workspace,
+                             **t_attn)
         linear(attn.view(n, -1), layer.wo, out=h, residual=h, workspace=ws, **t_o)
         swiglu_linear(h, layer.w_gate_up, out=act, workspace=ws, norm_weight=layer.mlp_norm, norm_eps=w.eps, norm_out=xn,
                       **t_up)
         linear(act, layer.w_down, out=h, residual=h, workspace=ws, **t_down)
+    if not final_norm:
+        return h
     rms_norm(h, w.norm, w.eps, out=xn)
     return xn
 
@@ -155,8 +171,12 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     # A code's projected embedding is one row of w.projected_embed (projection folded into the table).
     linear(hidden, w.projection, out=buf.depth.h[:b], workspace=ws, **t_proj)
     embed_codes(codes[0].view(b, 1), w.projected_embed[:V], buf.depth.h[b : 2 * b], V)
-    out = run_stack(w.depth, buf.depth, 2 * b, sched.first_positions, sched.first_lengths, sched.first_rows, ws, tuning)
-    linear(out[b:], w.audio_heads[0], out=logits, workspace=ws, **t_head)
+    # The heads apply the depth decoder's final norm themselves (fused into the GEMV at small batch).
+    d, dn = w.depth, buf.depth.xn
+    out = run_stack(d, buf.depth, 2 * b, sched.first_positions, sched.first_lengths, sched.first_rows, ws, tuning,
+                    final_norm=False)
+    linear(out[b:], w.audio_heads[0], out=logits, workspace=ws, norm_weight=d.norm, norm_eps=d.eps,
+           norm_out=dn[b : 2 * b], **t_head)
     sample_topk_philox(logits, temperature, topk, seeds, counters, 1, codes[1], **t_sample)
     if teacher:
         teacher(1, logits, codes[1])
@@ -164,8 +184,10 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     # Depth steps 2..K-1: the previous codebook's embedding at position i.
     for i in range(2, K):
         embed_codes(codes[i - 1].view(b, 1), w.projected_embed[(i - 1) * V : i * V], buf.depth.h[:b], V)
-        out = run_stack(w.depth, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows, ws, tuning)
-        linear(out, w.audio_heads[i - 1], out=logits, workspace=ws, **t_head)
+        out = run_stack(d, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows, ws, tuning,
+                        one_token_per_cache_row=True, final_norm=False)
+        linear(out, w.audio_heads[i - 1], out=logits, workspace=ws, norm_weight=d.norm, norm_eps=d.eps,
+               norm_out=dn[:b], **t_head)
         sample_topk_philox(logits, temperature, topk, seeds, counters, i, codes[i], **t_sample)
         if teacher:
             teacher(i, logits, codes[i])
