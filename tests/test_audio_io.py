@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from seseme_cli.audio_io import PendingAudioFile, check_output_path, load_audio, write_audio
+from seseme_cli.audio_io import PendingAudioFile, check_output_path, load_audio, pcm16, pcm16_on_device, write_audio
 from seseme_cli.batch import stale_temp_files
 from seseme_cli.errors import InputError
 
@@ -75,6 +75,27 @@ def test_pcm_samples_are_libsndfiles_own_conversion(tmp_path, suffix):
     ours, _ = sf.read(tmp_path / f"ours{suffix}", dtype="int16")
     theirs, _ = sf.read(tmp_path / f"theirs{suffix}", dtype="int16")
     assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac"])
+def test_pcm16_pieces_write_the_same_file(tmp_path, suffix):
+    # seseme batch hands over 16-bit samples converted on the device (pcm16_on_device): same samples, same file.
+    rng = np.random.default_rng(1)
+    pieces = [rng.uniform(-1.1, 1.1, n).astype(np.float32) for n in (1920, 3840, 7)]
+    pieces[0][:4] = np.array([0.7, -0.3, 32767.6, -32768.6], dtype=np.float32) / 32768
+    ints = [pcm16_on_device(torch.from_numpy(p)).numpy() for p in pieces]
+    assert all(np.array_equal(i, pcm16(p)) for i, p in zip(ints, pieces))
+    write_audio(tmp_path / f"float{suffix}", pieces, 24000)
+    write_audio(tmp_path / f"int{suffix}", ints, 24000)
+    a, _ = sf.read(tmp_path / f"float{suffix}", dtype="int16")
+    b, _ = sf.read(tmp_path / f"int{suffix}", dtype="int16")
+    if suffix == ".wav":
+        assert (tmp_path / "float.wav").read_bytes() == (tmp_path / "int.wav").read_bytes()
+    else:  # libsndfile's FLAC rounds float samples where WAV floors them: at most one step apart
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert np.array_equal(b, np.concatenate(ints))
+    with pytest.raises(ValueError, match="not a mix"):
+        write_audio(tmp_path / f"mixed{suffix}", [pieces[0], ints[1]], 24000)
 
 
 def test_unknown_suffix(tmp_path):

@@ -74,18 +74,20 @@ def check_output_path(path) -> None:
 
 def write_audio(path, audio, sample_rate: int) -> None:
     """Write mono audio (clipped to [-1, 1]) with the format chosen by the suffix: wav = 16-bit PCM, flac,
-    ogg = Vorbis. `audio`: a 1-D tensor or array, or a list of 1-D float arrays written one after the other (how
-    `seseme batch` hands over a request's decoded rounds). Atomic: a temp file in the same directory is renamed
-    over `path`, so a reader never sees a partial file and a failure leaves nothing behind. The same as
-    PendingAudioFile(path).write(audio, sample_rate); `seseme batch` makes the PendingAudioFile earlier.
+    ogg = Vorbis. `audio`: a 1-D tensor or array, or a list of 1-D arrays written one after the other (how
+    `seseme batch` hands over a request's decoded rounds); float samples, or int16 samples already converted by
+    `pcm16` / `pcm16_on_device` (what `seseme batch` hands over when every output is WAV). Atomic: a temp file in
+    the same directory is renamed over `path`, so a reader never sees a partial file and a failure leaves nothing
+    behind. The same as PendingAudioFile(path).write(audio, sample_rate); `seseme batch` makes the
+    PendingAudioFile earlier.
 
     `seseme batch` writes hundreds of files at once when many requests end together, so WAV takes a lean path:
-    16-bit samples made by numpy into one buffer (`pcm16`, as libsndfile makes them for WAV; a test checks it
-    against libsndfile) and written after a plain header. Measured on a 2-core machine, 512 files of 4 s handed
-    over at once: 0.45-0.50 s until the last was written when each request's audio was first concatenated, then
-    converted and encoded by libsndfile (four writer threads); 0.19-0.24 s this way (one thread: see
-    batch_run.writer_threads), ~0.4 ms per file. FLAC and Vorbis go through libsndfile (its FLAC encoder rounds
-    rather than floors)."""
+    16-bit samples (`pcm16`, as libsndfile makes them for WAV; a test checks it against libsndfile) written after a
+    plain header. Measured on a 2-core machine, 512 files of 4 s handed over at once: 0.45-0.50 s until the last
+    was written when each request's audio was first concatenated, then converted and encoded by libsndfile (four
+    writer threads); 0.19-0.24 s with numpy's conversion into one buffer (one thread: see
+    batch_run.writer_threads), ~0.4 ms per file, of which the conversion was ~0.14 ms. FLAC and Vorbis go through
+    libsndfile (its FLAC encoder rounds float samples rather than floors)."""
     PendingAudioFile(path).write(audio, sample_rate)
 
 
@@ -118,7 +120,7 @@ class PendingAudioFile:
         if self.tmp is None:
             raise RuntimeError(f"{self.path}: the temp file was already written or discarded")
         try:
-            pieces = _float_pieces(audio)  # audio that is not 1-D is the caller's bug: a ValueError, not an InputError
+            pieces = _pieces(audio)  # audio that is not 1-D is the caller's bug: a ValueError, not an InputError
         except BaseException:
             self.discard()
             raise
@@ -126,8 +128,10 @@ class PendingAudioFile:
             with open(self.tmp, "r+b") as f:  # the empty file made by mkstemp; "r+" never creates one
                 if self.format == "WAV":
                     _write_wav16(f, pieces, sample_rate)
-                else:
-                    data = np.clip(np.concatenate(pieces), -1.0, 1.0)
+                else:  # 16-bit pieces go to libsndfile as they are (no clipping to do)
+                    data = np.concatenate(pieces)
+                    if data.dtype != np.int16:
+                        data = np.clip(data, -1.0, 1.0)
                     sf.write(f, data, sample_rate, format=self.format, subtype=_SUBTYPES[self.format])
             os.replace(self.tmp, self.path)
             self.tmp = None
@@ -154,28 +158,34 @@ class PendingAudioFile:
             raise
 
 
-def _float_pieces(audio) -> list[np.ndarray]:
-    """write_audio's input as a list of 1-D float32 numpy arrays (no copies where none are needed). numpy, not
-    torch, from here on: torch's CPU ops share one intra-op thread pool, and writer threads would queue on it."""
+def _pieces(audio) -> list[np.ndarray]:
+    """write_audio's input as a list of 1-D numpy arrays, all float32 or all int16 (samples already converted by
+    `pcm16` or `pcm16_on_device`), without copies where none are needed. numpy, not torch, from here on: torch's
+    CPU ops share one intra-op thread pool, and writer threads would queue on it."""
     if isinstance(audio, torch.Tensor):
-        audio = audio.detach().to("cpu", torch.float32).numpy()
+        audio = audio.detach().cpu()
+        audio = (audio if audio.dtype == torch.int16 else audio.float()).numpy()
     pieces = list(audio) if isinstance(audio, (list, tuple)) else [audio]
     for p in pieces:
         if not isinstance(p, np.ndarray) or p.ndim != 1:
             raise ValueError(f"write_audio expects 1-D audio, got {type(p).__name__} of shape {np.shape(p)}")
-    return [p.astype(np.float32, copy=False) for p in pieces] or [np.zeros(0, np.float32)]
+    if not pieces:
+        return [np.zeros(0, np.float32)]
+    if all(p.dtype == np.int16 for p in pieces):
+        return pieces
+    if any(p.dtype == np.int16 for p in pieces):
+        raise ValueError("write_audio expects all pieces float or all 16-bit PCM, not a mix")
+    return [p.astype(np.float32, copy=False) for p in pieces]
 
 
 def _write_wav16(f, pieces: list[np.ndarray], sample_rate: int) -> None:
     if not 0 < sample_rate < 2**31:
         raise ValueError(f"bad sample rate {sample_rate}")
-    pcm = np.empty(sum(len(p) for p in pieces), dtype="<i2")
-    at = 0
+    f.write(wav_header(sample_rate, 2 * sum(len(p) for p in pieces)))
     for p in pieces:
-        pcm16(p, out=pcm[at : at + len(p)])
-        at += len(p)
-    f.write(wav_header(sample_rate, pcm.nbytes))
-    f.write(memoryview(pcm).cast("B"))
+        if p.dtype != np.int16:
+            p = pcm16(p)
+        f.write(memoryview(p.astype("<i2", copy=False)).cast("B"))
 
 
 def pcm16(samples: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -187,6 +197,13 @@ def pcm16(samples: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return scaled.astype("<i2")
     out[...] = scaled
     return out
+
+
+def pcm16_on_device(samples: torch.Tensor) -> torch.Tensor:
+    """`pcm16` for a tensor where it is (int16, same shape): floor(x * 32768) clipped, exact in fp32 as in numpy, so
+    the samples are the same. `seseme batch` converts each round's audio of all rows at once on the GPU, copies half
+    the bytes to the host, and leaves its writer only the file to write."""
+    return torch.floor(samples.float() * 32768).clamp_(-32768, 32767).to(torch.int16)
 
 
 def wav_header(sample_rate: int, data_bytes: int = 0xFFFFFFFF) -> bytes:
