@@ -35,7 +35,6 @@
 namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
-constexpr float kLog2e = 1.4426950408889634f;
 
 // ----------------------------------------------------------------------------------------------------
 // kernels
@@ -70,14 +69,6 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                  : "l"(p));
     return v;
-}
-
-// 2^x with the single MUFU instruction (exp2f adds a denormal-range fix-up we do not need: a softmax weight
-// below 2^-126 is 0 here). 2^-inf = 0.
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
 }
 
 // Online-softmax state merge in base 2; an empty state has m = -inf, l = 0, acc = 0. `base` avoids

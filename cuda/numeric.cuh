@@ -54,3 +54,14 @@ __device__ __forceinline__ void unpack8<__half>(const uint4& raw, float (&f)[8])
         f[2 * i + 1] = v.y;
     }
 }
+
+// The softmaxes work in base 2 (scores pre-scaled by log2(e)), attention.cu and rope_append_attention.cu.
+constexpr float kLog2e = 1.4426950408889634f;
+
+// 2^x with the single MUFU instruction (exp2f adds a denormal-range fix-up we do not need: a softmax weight
+// below 2^-126 is 0 here). 2^-inf = 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}

@@ -32,7 +32,6 @@
 namespace {
 
 constexpr unsigned kFull = 0xffffffffu;
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kKPad = 8;  // elements of padding per K row in shared memory (16 bytes)
 
 struct ShortAttnArgs {
@@ -57,13 +56,6 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {
 }
 
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
-// 2^x with one MUFU instruction (as in attention.cu); 2^-inf = 0.
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kShortAttnMaxThreads) rope_append_attention_kernel(const ShortAttnArgs a) {

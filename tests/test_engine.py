@@ -128,7 +128,7 @@ def test_engine_greedy_first_frames_equal_reference_gpu(gpu_models):
     # measures ~1% relative logit error), so an argmax may flip, after which the frames legitimately part. The
     # reference's logits here are teacher-forced on the engine's own codes. A wrong code would sit ~3 standard
     # deviations of the logits below the top, far outside the tolerance.
-    logits = reference_teacher_forced(ref, tokens, mask, got[:1])[0]  # (K, vocab)
+    logits = reference_teacher_forced(ref, tokens, mask, got[:1])[0].detach()  # (K, vocab)
     chosen = logits.gather(1, got[0].to(logits.device)[:, None])[:, 0]
     best = logits.max(dim=1).values
     tolerance = 2e-2 * logits.abs().max(dim=1).values
