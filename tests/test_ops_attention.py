@@ -27,11 +27,11 @@ from seseme_cli.ops.attention import (
     max_keys_per_iter,
     max_num_splits,
     rope_append,
-    rope_append_attention,
     rope_append_ref,
-    short_attention_fits,
     workspace_floats,
 )
+from seseme_cli.ops import short_attention as SA
+from seseme_cli.ops.short_attention import rope_append_attention, short_attention_fits
 
 SCALING = RopeScaling.from_torchtune(32, 8192)  # CSM-1B's Llama-3 scaling
 HEAD_SHAPES = [(32, 8, 64), (8, 2, 128), (4, 4, 16), (6, 2, 8)]  # backbone, depth decoder, MHA, rep 3 / hd 8
@@ -106,8 +106,8 @@ def test_module_constants_match_python():
     assert k.attention_max_head_dim == A.MAX_HEAD_DIM == k.rope_max_head_dim
     assert k.attention_max_rep_times_keys == A.MAX_REP_TIMES_KEYS
     assert k.attention_default_keys_per_iter == A.DEFAULT_KEYS_PER_ITER
-    assert k.short_attention_max_len == A.SHORT_MAX_LEN
-    assert k.short_attention_max_head_dim == A.SHORT_MAX_HEAD_DIM
+    assert k.short_attention_max_len == SA.SHORT_MAX_LEN
+    assert k.short_attention_max_head_dim == SA.SHORT_MAX_HEAD_DIM
 
 
 @pytest.mark.parametrize("H,Hkv,hd", [(4, 2, 16), (3, 1, 6), (2, 2, 8)])
@@ -720,7 +720,7 @@ def test_fused_short_attention_kernel(N, H, Hkv, hd, S, dtype):
     floor = 1e-5 * vmax
     rtol = 2 * torch.finfo(dtype).eps
     out = torch.empty(N, H, hd, device="cuda", dtype=dtype)
-    assert A._short_kernel_applies(qkv, pos, rows, lengths, inv_freq, k0, v0, out)
+    assert SA._short_kernel_applies(qkv, pos, rows, lengths, inv_freq, k0, v0, out)
     rep = H // Hkv
     for hpb in [None] + [d for d in range(1, rep + 1) if rep % d == 0]:
         for threads in (None, 32, 256):

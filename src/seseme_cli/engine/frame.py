@@ -12,16 +12,16 @@ from __future__ import annotations
 import torch
 
 from ..config import CsmConfig, TransformerConfig
-from ..ops.attention import (attention_workspace, decode_attention, max_num_splits, rope_append,
-                             rope_append_attention, short_attention_fits)
+from ..ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append
 from ..ops.embedding import embed_codes
 from ..ops.linear import linear, linear_workspace_bytes, swiglu_linear
 from ..ops.rmsnorm import rms_norm
+from ..ops.short_attention import rope_append_attention, short_attention_fits
 from ..ops.sampling import sample_topk_philox
 from ..tuning import tuned_config
 from .pack import EngineWeights, StackWeights
 
-# The depth decoder's one-token steps run RoPE + append + attention as one kernel (ops.attention's
+# The depth decoder's one-token steps run RoPE + append + attention as one kernel (ops.short_attention's
 # rope_append_attention) where the shape allows; False = the two kernels (for A/B timing).
 FUSED_SHORT_ATTENTION = True
 
