@@ -611,6 +611,20 @@ def test_attention_dispatch_falls_back_to_reference():
         assert torch.equal(out, expect)
 
 
+def warm_up_then_check_no_allocations(step):
+    """Run step once on a side stream (the warm-up a capture wants), then once more: it must not allocate."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, "the kernel path allocated"
+
+
 @pytest.mark.cuda
 @needs_kernels
 @pytest.mark.parametrize("H,Hkv,hd,S", [(32, 8, 64, 2048), (8, 2, 128, 33)], ids=["backbone", "depth"])
@@ -634,16 +648,7 @@ def test_graph_capture_and_no_allocations(H, Hkv, hd, S):
         rope_append(qkv, positions, rows, inv_freq, k_cache, v_cache, q)
         decode_attention(q, k_cache, v_cache, rows, lengths, out, workspace=ws)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    step()
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, "the kernel path allocated"
+    warm_up_then_check_no_allocations(step)
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -770,16 +775,7 @@ def test_fused_short_attention_graph_capture_and_no_allocations():
         producer.copy_(qkv)
         rope_append_attention(producer, pos, rows, lengths, inv_freq, k_cache, v_cache, out)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    step()
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, "the kernel path allocated"
+    warm_up_then_check_no_allocations(step)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
