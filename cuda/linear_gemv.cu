@@ -6,7 +6,9 @@
 // load serves all R rows of the warp, which is why R grows with n. Accumulation is fp32; the R * NT sums of a
 // warp are reduced with a transpose-reduce (31 shuffles for 32 sums, not 5 each). `split_k` warps of a block
 // share one row group, each taking every split_k-th chunk of K, and add up through shared memory: small-m,
-// large-k shapes get enough warps without a global workspace.
+// large-k shapes get enough warps without a global workspace. A warp's first weight step is loaded into
+// registers before the kernel waits for its predecessor (programmatic dependent launch, cuda/launch.cuh): the
+// small layers, one step per warp, have read all their weights by the time x is ready.
 //
 // Fused RMSNorm (NORM, norm_w != null): x is replaced by rms_norm(x, norm_w, eps) on the fly. Each block first
 // reduces sum(x^2) of every x row (all its threads, one x read from L2/L1, fp32) - after issuing its first weight
@@ -140,10 +142,25 @@ __global__ void __launch_bounds__(256, 1) gemv_kernel(T* out, const T* __restric
     // the weights' DRAM latency instead of following it (not for the largest NORM tile: it would spill).
     constexpr bool kPreloadX = NT * U <= 16 && !(NORM && V >= 64);
 
-    // The first weight step towards L2 (no registers held) while the previous kernel finishes (cuda/launch.cuh)
-    // and, with NORM, while the block reduces.
-    if (ks < nchunks && (lane & 7) == 0) {  // one lane per 128-byte line
-        const int p0 = ks * kChunk + lane;
+    // A warp's weight steps are c = ks, ks + split_k, ... (< nchunks). Weights are never written during a
+    // frame, so the first step is loaded into registers and the second asked of L2 before waiting for the
+    // previous kernel (cuda/launch.cuh, rule 1): for the small layers (one step per warp) the whole weight read
+    // overlaps the previous kernel, and after the wait only x is loaded.
+    uint4 wv[RW][U];
+    auto load_weights = [&](int c) {
+        const int p0 = c * kChunk + lane;
+        const bool full = (c + 1) * kChunk <= npk;
+#pragma unroll
+        for (int i = 0; i < RW; i++)
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int p = p0 + u * 32;
+                wv[i][u] = (full || p < npk) ? ld_stream(wrow[i] + (size_t)p * 8) : make_uint4(0, 0, 0, 0);
+            }
+    };
+    if (ks < nchunks) load_weights(ks);
+    if (ks + split_k < nchunks && (lane & 7) == 0) {  // one lane per 128-byte line
+        const int p0 = (ks + split_k) * kChunk + lane;
 #pragma unroll
         for (int i = 0; i < RW; i++)
 #pragma unroll
@@ -154,7 +171,7 @@ __global__ void __launch_bounds__(256, 1) gemv_kernel(T* out, const T* __restric
     let_next_kernel_start();
 
     // NORM: 1 / rms of each x row (the same in every thread), reduced by the whole block while the first weight
-    // step is in flight.
+    // step is still in flight.
     float inv[NORM ? NT : 1];
     if constexpr (NORM) {
         __shared__ float sq_part[8][NT];  // [warp][x row]
@@ -190,14 +207,7 @@ __global__ void __launch_bounds__(256, 1) gemv_kernel(T* out, const T* __restric
     for (int c = ks; c < nchunks; c += split_k) {
         const int p0 = c * kChunk + lane;
         const bool full = (c + 1) * kChunk <= npk;
-        uint4 wv[RW][U];  // all weight loads of the step issued before the first use
-#pragma unroll
-        for (int i = 0; i < RW; i++)
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int p = p0 + u * 32;
-                wv[i][u] = (full || p < npk) ? ld_stream(wrow[i] + (size_t)p * 8) : make_uint4(0, 0, 0, 0);
-            }
+        if (c != ks) load_weights(c);  // all weight loads of the step issued before the first use
         uint4 xv[kPreloadX ? NT : 1][kPreloadX ? U : 1];
         uint4 nv[NORM ? U : 1];  // norm weight packs, shared by the x rows
         if constexpr (kPreloadX) {

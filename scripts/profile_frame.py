@@ -101,6 +101,11 @@ def graph_profile(tts, b, replays=3):
     print(f"batch {b}: graph replay, {per} kernels, {span:.3f} ms from first start to last end; marginal cost:")
     for name, c in sorted(costs.items(), key=lambda kv: -sum(kv[1])):
         print(f"   {sum(c):7.3f} ms  {len(c):5d}x  {statistics.median(c) * 1e3:7.2f} us median  {name}")
+    # One stretch from the middle of the frame (about one depth step), kernel by kernel.
+    middle = len(frame) // 2
+    print(f"batch {b}: kernels {middle}..{middle + 29} of the replayed frame, marginal cost each:")
+    for prev, k in zip(frame[middle - 1 : middle + 29], frame[middle : middle + 30]):
+        print(f"   {(k.time_range.end - prev.time_range.end):7.2f} us  {k.name.split('(')[0][-70:]}")
 
 
 @torch.inference_mode()

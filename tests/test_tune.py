@@ -35,6 +35,7 @@ def cache_home(tmp_path, monkeypatch):
     # Pretend to be on a GPU with this key, so that load_tuning runs its file logic on the CPU.
     monkeypatch.setattr(tuning, "device_key", lambda device=None: dict(KEY))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tuning, "BUILTIN_DIR", tmp_path / "builtin")  # no shipped table unless a test writes one
     tuning._loaded.clear()
     yield tmp_path / "seseme"
     tuning._loaded.clear()
@@ -129,6 +130,48 @@ def test_stale_cache_is_ignored_with_a_warning(cache_home, caplog):
     tuning._loaded.clear()
     assert load(caplog) is None
     assert "stale" in caplog.text and any(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def write_builtin(key):
+    path = tuning.builtin_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(tuning.Tuning.to_json(key, RESULTS)))
+    return path
+
+
+def test_builtin_table_without_a_cache_of_our_own(cache_home, caplog):
+    # Measured with another CUDA and package version: still this GPU model's table.
+    path = write_builtin({**KEY, "cuda_torch": "13.0", "kernels": "0.0.9"})
+    t = load(caplog)
+    assert t is not None and t.path == path and len(t) == 4
+    assert "built-in table" in caplog.text and not any(r.levelno >= logging.WARNING for r in caplog.records)
+    assert tuning.tuned_config(t, "attention", 8, 32, 8, 64, 2048) == {"num_splits": 8, "threads": 64}
+    # A cache of this machine's own wins over it.
+    own = tuning.save_tuning(KEY, RESULTS[:1])
+    tuning._loaded.clear()
+    assert load(caplog).path == own
+
+
+@pytest.mark.parametrize("field, value", [("sms", 114), ("tuning_version", tuning.KERNEL_TUNING_VERSION + 1)])
+def test_builtin_table_of_another_setup_is_ignored(cache_home, caplog, field, value):
+    write_builtin({**KEY, field: value})
+    assert load(caplog) is None
+    assert "ignoring kernel tuning" in caplog.text and "built-in defaults" in caplog.text
+
+
+def test_builtin_off_switch(cache_home, caplog, monkeypatch):
+    write_builtin(KEY)
+    monkeypatch.setenv("SESEME_TUNING", "off")
+    assert load(caplog) is None
+
+
+def test_shipped_tables_are_valid_for_this_version():
+    shipped = sorted((tuning.BUILTIN_DIR).glob("*.json"))
+    assert shipped, "no built-in tables in the package"
+    for path in shipped:
+        t = tuning.read_tuning(path, None)  # parses and validates every entry against the kernels' rules
+        assert t.key["tuning_version"] == tuning.KERNEL_TUNING_VERSION, path.name
+        assert path == tuning.builtin_path(t.key) and len(t) > 0
 
 
 def test_linear_candidates_are_valid_and_start_with_the_default():

@@ -14,6 +14,10 @@ The cache is only valid for the GPU, the CUDA versions and the kernels it was me
 carries a hash of those (`device_key`). A file that cannot be read, does not match its key, or holds a
 parameter the kernels would reject is ignored with a warning: tuning is an optimisation, never a reason to
 fail. SESEME_TUNING=off ignores every cache (to time the defaults); SESEME_TUNING=PATH reads that file.
+
+Without a cache of its own, a GPU model we have measured gets the built-in table shipped in `tunings/` (a
+`seseme tune` result from such a GPU, chosen by GPU model, SM count and tuning version only: the configs are
+valid whatever the CUDA version, and only their speed could differ).
 """
 
 from __future__ import annotations
@@ -64,6 +68,23 @@ def device_key(device: torch.device | str | int | None = None) -> dict:
 
 def _slug(gpu: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "gpu"
+
+
+BUILTIN_DIR = Path(__file__).parent / "tunings"
+BUILTIN_MATCH = ("gpu", "sms", "tuning_version")  # what a built-in table must share with this setup
+
+
+def builtin_path(key: dict) -> Path:
+    return BUILTIN_DIR / f"{_slug(key['gpu'])}.json"
+
+
+def read_builtin(path: Path, key: dict) -> Tuning:
+    """A shipped table, if it was measured on this GPU model (ValueError otherwise, as read_tuning)."""
+    found = read_tuning(path, None)
+    theirs = found.key if isinstance(found.key, dict) else {}
+    if any(theirs.get(field) != key.get(field) for field in BUILTIN_MATCH):
+        raise ValueError(f"made for {_describe(theirs)}, this is {_describe(key)}")
+    return found
 
 
 def cache_path(key: dict) -> Path:
@@ -211,6 +232,10 @@ def load_tuning(device: torch.device | str | None = None) -> Tuning | None:
     try:
         stamp = path.stat().st_mtime_ns
     except OSError:
+        builtin = builtin_path(key)
+        if not setting and builtin.is_file():
+            return _once(("builtin", str(builtin)), lambda: read_builtin(builtin, key), "kernel tuning: the built-in "
+                         "table for %s (%s); `seseme tune` measures this machine", key["gpu"], builtin, on_error=builtin)
         stale = sorted(p.name for p in cache_dir().glob(f"tune-{_slug(key['gpu'])}-*.json") if p != path)
         if stale:
             return _once(("stale", path), lambda: None, "ignoring stale kernel tuning %s (made for other CUDA or "
