@@ -26,7 +26,8 @@ void check_threads(const char* op, int threads, int max_threads) {
 
 void sample_topk_philox(uintptr_t out, uintptr_t logits, int64_t rows, int64_t vocab, int64_t row_stride,
                         uintptr_t temperature, uintptr_t topk, uintptr_t seeds, uintptr_t counters, int64_t codebook,
-                        int dtype, int threads, uintptr_t stream) {
+                        int dtype, int threads, uintptr_t stream, uintptr_t embed_table, uintptr_t embed_out,
+                        int64_t embed_row_bytes, int64_t embed_out_stride_bytes) {
     const int64_t esize = element_size(dtype);
     check(rows >= 0 && rows <= std::numeric_limits<int32_t>::max(),
           "sample_topk_philox: rows must be in [0, 2^31), got " + std::to_string(rows));
@@ -45,6 +46,17 @@ void sample_topk_philox(uintptr_t out, uintptr_t logits, int64_t rows, int64_t v
     check_ptr("seeds", seeds, 8);
     check_ptr("counters", counters, 8);
     check_ptr("out", out, 8);
+    SampleEmbed embed;
+    if (embed_table != 0) {
+        check(embed_out != 0 && embed_row_bytes > 0 && embed_row_bytes % 16 == 0 && embed_out_stride_bytes % 16 == 0 &&
+                  (rows <= 1 || embed_out_stride_bytes >= embed_row_bytes),
+              "sample_topk_philox: embedding rows and output stride must be multiples of 16 bytes, got " +
+                  std::to_string(embed_row_bytes) + " and " + std::to_string(embed_out_stride_bytes));
+        check_ptr("embed_table", embed_table, 16);
+        check_ptr("embed_out", embed_out, 16);
+        embed = SampleEmbed{reinterpret_cast<const void*>(embed_table), reinterpret_cast<void*>(embed_out),
+                            embed_row_bytes, embed_out_stride_bytes};
+    }
 #if !SESEME_WITH_CUDA
     no_cuda();
 #else
@@ -54,7 +66,7 @@ void sample_topk_philox(uintptr_t out, uintptr_t logits, int64_t rows, int64_t v
                                            reinterpret_cast<const int32_t*>(topk),
                                            reinterpret_cast<const int64_t*>(seeds),
                                            reinterpret_cast<const int64_t*>(counters),
-                                           static_cast<uint32_t>(codebook), dtype, threads, stream));
+                                           static_cast<uint32_t>(codebook), embed, dtype, threads, stream));
 #endif
 }
 
@@ -93,8 +105,11 @@ void bind_sampling(py::module_& m) {
     m.def("sample_topk_philox", &sample_topk_philox, py::arg("out"), py::arg("logits"), py::arg("rows"),
           py::arg("vocab"), py::arg("row_stride"), py::arg("temperature"), py::arg("topk"), py::arg("seeds"),
           py::arg("counters"), py::arg("codebook"), py::arg("dtype"), py::arg("threads"), py::arg("stream"),
+          py::arg("embed_table") = 0, py::arg("embed_out") = 0, py::arg("embed_row_bytes") = 0,
+          py::arg("embed_out_stride_bytes") = 0,
           "Temperature + top-k + Philox exponential-race sampling, one int64 code per row of logits; "
-          "threads 0 for the default. Asynchronous on `stream`.");
+          "threads 0 for the default. With embed_table, also copies row `code` of it to embed_out + row * "
+          "embed_out_stride_bytes. Asynchronous on `stream`.");
     m.def("embed_codes", &embed_codes, py::arg("out"), py::arg("codes"), py::arg("codes_int32"), py::arg("table"),
           py::arg("rows"), py::arg("num_codebooks"), py::arg("vocab"), py::arg("dim"), py::arg("dtype"),
           py::arg("threads"), py::arg("stream"),

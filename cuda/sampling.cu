@@ -13,6 +13,9 @@
 // 2 passes for 16-bit logits and at most 4 for fp32, stopping early once the k-th largest's bin is kept
 // whole. Each thread then draws one Philox block per 4 consecutive entries and the block takes the argmax
 // of (race key, -index) packed into one 64-bit integer, which also settles ties towards the first index.
+//
+// Optionally the block then copies row `code` of an embedding table into the row's output (the depth decoder's
+// next input): one launch per codebook instead of two.
 #include "sampling.cuh"
 #include "launch.cuh"
 #include "numeric.cuh"
@@ -187,12 +190,23 @@ __device__ uint32_t radix_select(const float4* xs4, int vocab, int groups, uint3
 
 // The launch bounds keep the kernel launchable at the largest block size (<= 64 registers per thread;
 // without the 1, ptxas aims at two such blocks per SM, squeezes to 32 registers and spills).
+// Writes the drawn index (every thread holds the block's `best`) and, with an embedding, copies that table row
+// to the row's embedding output in 16-byte words (the launcher checked sizes and alignment).
+__device__ __forceinline__ void finish_row(unsigned long long best, int64_t* out, int row, const SampleEmbed& embed) {
+    const int code = unpack_index(best);
+    if (threadIdx.x == 0) out[row] = code;
+    if (embed.table == nullptr) return;
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const char*>(embed.table) + code * embed.row_bytes);
+    uint4* dst = reinterpret_cast<uint4*>(static_cast<char*>(embed.out) + row * embed.out_stride_bytes);
+    for (int i = threadIdx.x; i < embed.row_bytes / 16; i += blockDim.x) dst[i] = __ldg(src + i);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kSampleMaxThreads, 1)
     sample_topk_philox_kernel(int64_t* __restrict__ out, const T* __restrict__ logits, int vocab, int64_t row_stride,
                               const float* __restrict__ temperature, const int32_t* __restrict__ topk,
                               const int64_t* __restrict__ seeds, const int64_t* __restrict__ counters,
-                              uint32_t codebook) {
+                              uint32_t codebook, SampleEmbed embed) {
     wait_for_inputs();  // before any read of activations or write (cuda/launch.cuh)
     let_next_kernel_start();
     extern __shared__ float4 xs4[];  // the row as fp32, padded to whole groups of 4
@@ -207,8 +221,7 @@ __global__ void __launch_bounds__(kSampleMaxThreads, 1)
             const unsigned long long p = pack(Image<T>::of(to_f32(l[i])), i);
             best = p > best ? p : best;
         }
-        best = block_max(best);
-        if (threadIdx.x == 0) out[row] = unpack_index(best);
+        finish_row(block_max(best), out, row, embed);
         return;
     }
 
@@ -242,8 +255,7 @@ __global__ void __launch_bounds__(kSampleMaxThreads, 1)
             }
         }
     }
-    best = block_max(best);
-    if (threadIdx.x == 0) out[row] = unpack_index(best);
+    finish_row(block_max(best), out, row, embed);
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -252,7 +264,8 @@ __global__ void __launch_bounds__(kSampleMaxThreads, 1)
 template <typename T>
 const char* launch_typed(int64_t* out, const void* logits, int64_t rows, int64_t vocab, int64_t row_stride,
                          const float* temperature, const int32_t* topk, const int64_t* seeds,
-                         const int64_t* counters, uint32_t codebook, int threads, cudaStream_t stream) {
+                         const int64_t* counters, uint32_t codebook, const SampleEmbed& embed, int threads,
+                         cudaStream_t stream) {
     const int groups = (int)((vocab + 3) / 4);
     if (threads == 0) {  // one Philox group per thread
         threads = (groups + 31) / 32 * 32;
@@ -260,7 +273,8 @@ const char* launch_typed(int64_t* out, const void* logits, int64_t rows, int64_t
     }
     const size_t smem = (size_t)groups * sizeof(float4);
     return launch_error(launch(sample_topk_philox_kernel<T>, dim3((unsigned)rows), dim3(threads), smem, stream, out,
-                               (const T*)logits, (int)vocab, row_stride, temperature, topk, seeds, counters, codebook));
+                               (const T*)logits, (int)vocab, row_stride, temperature, topk, seeds, counters, codebook,
+                               embed));
 }
 
 }  // namespace
@@ -268,22 +282,27 @@ const char* launch_typed(int64_t* out, const void* logits, int64_t rows, int64_t
 const char* launch_sample_topk_philox(int64_t* out, const void* logits, int64_t rows, int64_t vocab,
                                       int64_t row_stride, const float* temperature, const int32_t* topk,
                                       const int64_t* seeds, const int64_t* counters, uint32_t codebook,
-                                      int dtype, int threads, uintptr_t stream) {
+                                      const SampleEmbed& embed, int dtype, int threads, uintptr_t stream) {
     if (rows == 0) return nullptr;  // a grid of 0 blocks is a launch error, an empty batch is not
     if (vocab < 1 || vocab > kSampleMaxVocab) return "sample_topk_philox: vocab out of range";
     if (threads != 0 && (threads % 32 != 0 || threads < 32 || threads > kSampleMaxThreads))
         return "sample_topk_philox: threads must be a multiple of 32 in [32, kSampleMaxThreads]";
+    if (embed.table != nullptr &&
+        (embed.out == nullptr || embed.row_bytes <= 0 || embed.row_bytes % 16 || embed.out_stride_bytes % 16 ||
+         (rows > 1 && embed.out_stride_bytes < embed.row_bytes) || reinterpret_cast<uintptr_t>(embed.table) % 16 ||
+         reinterpret_cast<uintptr_t>(embed.out) % 16))
+        return "sample_topk_philox: embedding rows, stride and addresses must be multiples of 16 bytes";
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     switch (dtype) {
         case SESEME_F32:
             return launch_typed<float>(out, logits, rows, vocab, row_stride, temperature, topk, seeds, counters,
-                                       codebook, threads, s);
+                                       codebook, embed, threads, s);
         case SESEME_F16:
             return launch_typed<__half>(out, logits, rows, vocab, row_stride, temperature, topk, seeds, counters,
-                                        codebook, threads, s);
+                                        codebook, embed, threads, s);
         case SESEME_BF16:
             return launch_typed<__nv_bfloat16>(out, logits, rows, vocab, row_stride, temperature, topk, seeds,
-                                               counters, codebook, threads, s);
+                                               counters, codebook, embed, threads, s);
         default: return "sample_topk_philox: unsupported dtype code";
     }
 }

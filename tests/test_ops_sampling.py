@@ -278,6 +278,29 @@ def test_readable_errors():
     sample_topk_philox(logits, t, k, s, c, 0, threads=96)  # any multiple of 32 up to 1024 is fine
 
 
+def test_reference_writes_the_picked_embedding_rows():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 37, generator=g)
+    temperature, topk, seeds, counters = settings(4, [0.0, 0.9, 1.2, 0.9], [1, 5, 0, 37], seed=5)
+    table = torch.randn(37, 24, generator=g).bfloat16()
+    buffer = torch.full((9, 24), float("nan"), dtype=torch.bfloat16)
+    embed_out = buffer[1:9:2]  # strided rows: only these may change
+    picked = sample_topk_philox(logits, temperature, topk, seeds, counters, 3, embed_table=table, embed_out=embed_out)
+    assert torch.equal(picked, sample_topk_philox_ref(logits, temperature, topk, seeds, counters, 3))
+    assert torch.equal(embed_out, table[picked]) and buffer[0::2].isnan().all()
+
+
+def test_embedding_argument_errors():
+    logits = torch.randn(3, 10)
+    t, k, s, c = settings(3, 1.0, 5)
+    table, out = torch.randn(10, 8), torch.empty(3, 8)
+    for kwargs in (dict(embed_table=table), dict(embed_out=out), dict(embed_table=table[:9], embed_out=out),
+                   dict(embed_table=table, embed_out=out[:2]), dict(embed_table=table, embed_out=out.double()),
+                   dict(embed_table=table[:, :4], embed_out=out)):
+        with pytest.raises(ValueError, match="embed"):
+            sample_topk_philox(logits, t, k, s, c, 0, **kwargs)
+
+
 def test_binding_checks_arguments():
     # The binding's own checks run before any launch, so they can be exercised without a GPU.
     k = kernels_module()
@@ -290,6 +313,12 @@ def test_binding_checks_arguments():
                           ("seeds", 12, "seeds"), ("out", 0, "non-null")):
         with pytest.raises(ValueError, match=msg):
             k.sample_topk_philox(**{**ok, key: bad})
+    embed = dict(embed_table=16, embed_out=16, embed_row_bytes=32, embed_out_stride_bytes=32)
+    for key, bad, msg in (("embed_out", 0, "multiples of 16"), ("embed_row_bytes", 24, "multiples of 16"),
+                          ("embed_out_stride_bytes", 40, "multiples of 16"), ("embed_table", 24, "embed_table"),
+                          ("embed_out", 8, "embed_out")):
+        with pytest.raises(ValueError, match=msg):
+            k.sample_topk_philox(**ok, **{**embed, key: bad})
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -430,6 +459,37 @@ def test_kernel_extreme_logits():
     ref = sample_topk_philox_ref(logits, temperature, topk, seeds, counters, 0)
     assert_equal_or_near_tie(out, ref, logits, temperature, topk, seeds, counters, 0)
     assert out[0].item() < 100 and out[1].item() == 7
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, dim", [(1, 1024), (3, 8), (64, 24), (130, 1000)])
+def test_kernel_writes_the_picked_embedding_rows(n, dim, dtype):
+    vocab = 2051
+    case = make_case(n, vocab, dtype, seed=n + dim)
+    table = torch.randn(vocab, dim, device="cuda").to(dtype)
+    buffer = torch.full((2 * n + 1, dim), float("nan"), device="cuda", dtype=dtype)
+    embed_out = buffer[1::2]  # strided rows; the rows between must stay untouched
+    out = torch.full((n,), -1, dtype=torch.int64, device="cuda")
+    assert _kernel_applies(*case, out, table, embed_out)
+    sample_topk_philox(*case, 30, out, embed_table=table, embed_out=embed_out)
+    plain = sample_topk_philox(*case, 30)
+    assert torch.equal(out, plain)  # the embedding does not change the draw
+    assert_equal_or_near_tie(out, sample_topk_philox_ref(*case, 30), *case, 30)
+    assert torch.equal(embed_out, table[out]) and buffer[0::2].isnan().all()
+
+
+@pytest.mark.cuda
+@cuda
+def test_kernel_embedding_rows_not_in_16_byte_words_go_to_the_reference():
+    case = make_case(5, 2051, torch.bfloat16, seed=1)
+    table = torch.randn(2051, 12, device="cuda").bfloat16()  # 24-byte rows
+    embed_out = torch.empty(5, 12, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(5, dtype=torch.int64, device="cuda")
+    assert not _kernel_applies(*case, out, table, embed_out)
+    sample_topk_philox(*case, 4, out, embed_table=table, embed_out=embed_out)
+    assert torch.equal(embed_out, table[out])
 
 
 @pytest.mark.cuda

@@ -160,37 +160,42 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     t_head = tuned_config(tuning, "linear", b, V, dd_dim, False)
     t_sample = tuned_config(tuning, "sampling", b, V)
 
-    # Backbone: one position per row, then codebook 0.
+    def sample(i: int, next_input: torch.Tensor | None) -> None:
+        """Codebook i's draw into codes[i]; its projected embedding (one row of w.projected_embed: the
+        projection is folded into the table) into next_input, the depth decoder's next input. The sampling
+        kernel writes both, unless a teacher replaces the code first."""
+        table = w.projected_embed[i * V : (i + 1) * V] if next_input is not None else None
+        if teacher is None:
+            sample_topk_philox(logits, temperature, topk, seeds, counters, i, codes[i], embed_table=table,
+                               embed_out=next_input, **t_sample)
+            return
+        sample_topk_philox(logits, temperature, topk, seeds, counters, i, codes[i], **t_sample)
+        teacher(i, logits, codes[i])
+        if table is not None:
+            embed_codes(codes[i].view(b, 1), table, next_input, V)
+
+    # Backbone: one position per row, then codebook 0, whose embedding is the depth decoder's second token.
     hidden = run_stack(w.backbone, buf.backbone, b, buf.positions[:b], buf.lengths[:b], buf.rows[:b], ws, tuning)
     linear(hidden, w.c0_head, out=logits, workspace=ws, **t_c0)
-    sample_topk_philox(logits, temperature, topk, seeds, counters, 0, codes[0], **t_sample)
-    if teacher:
-        teacher(0, logits, codes[0])
+    sample(0, buf.depth.h[b : 2 * b])
 
     # Depth decoder step 0: [backbone state, embedding of codebook 0] at positions 0 and 1.
-    # A code's projected embedding is one row of w.projected_embed (projection folded into the table).
     linear(hidden, w.projection, out=buf.depth.h[:b], workspace=ws, **t_proj)
-    embed_codes(codes[0].view(b, 1), w.projected_embed[:V], buf.depth.h[b : 2 * b], V)
     # The heads apply the depth decoder's final norm themselves (fused into the GEMV at small batch).
     d, dn = w.depth, buf.depth.xn
     out = run_stack(d, buf.depth, 2 * b, sched.first_positions, sched.first_lengths, sched.first_rows, ws, tuning,
                     final_norm=False)
     linear(out[b:], w.audio_heads[0], out=logits, workspace=ws, norm_weight=d.norm, norm_eps=d.eps,
            norm_out=dn[b : 2 * b], **t_head)
-    sample_topk_philox(logits, temperature, topk, seeds, counters, 1, codes[1], **t_sample)
-    if teacher:
-        teacher(1, logits, codes[1])
+    sample(1, buf.depth.h[:b])
 
     # Depth steps 2..K-1: the previous codebook's embedding at position i.
     for i in range(2, K):
-        embed_codes(codes[i - 1].view(b, 1), w.projected_embed[(i - 1) * V : i * V], buf.depth.h[:b], V)
         out = run_stack(d, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows, ws, tuning,
                         one_token_per_cache_row=True, final_norm=False)
         linear(out, w.audio_heads[i - 1], out=logits, workspace=ws, norm_weight=d.norm, norm_eps=d.eps,
                norm_out=dn[:b], **t_head)
-        sample_topk_philox(logits, temperature, topk, seeds, counters, i, codes[i], **t_sample)
-        if teacher:
-            teacher(i, logits, codes[i])
+        sample(i, buf.depth.h[:b] if i < K - 1 else None)
 
     # The finished frame: row-major copy, its embedding for the next backbone step, and the row state.
     buf.frame_codes[:b].copy_(codes.T)

@@ -15,6 +15,10 @@ i % 4 mapped to ((u >> 8) + 1) * 2^-24 in (0, 1]. So a draw depends only on its 
 frame counter and codebook: never on batch position, and the RNG state is two device tensors that the engine
 advances itself (once per frame), which a CUDA graph replays faithfully. A race key that comes out NaN (a -inf
 logit meeting U = 1) counts as -inf. NaN logits give an unspecified index.
+
+With `embed_table` and `embed_out`, row r of embed_out also receives row picked[r] of embed_table: the engine's
+depth decoder takes the projected embedding of the code just drawn as its next input, and the kernel writes it
+in the same launch.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ def sample_topk_philox(
     out: Tensor | None = None,
     *,
     threads: int | None = None,
+    embed_table: Tensor | None = None,
+    embed_out: Tensor | None = None,
 ) -> Tensor:
     """Draw one index per row of logits (see the module docstring for the exact rule).
 
@@ -54,16 +60,20 @@ def sample_topk_philox(
     returned. With `out` given the kernel path allocates nothing and never syncs the host.
     threads: threads per block for the kernel (a multiple of 32 in [32, 1024]; None = one Philox group of 4
     entries per thread), for autotuning; the result does not depend on it.
+    embed_table (V, D) and embed_out (N, D), both or neither, same dtype (rows may be strided, elements
+    contiguous): embed_out[r] = embed_table[picked[r]].
 
-    The kernel runs for CUDA tensors with V <= MAX_VOCAB and contiguous 1-D settings; anything else goes to
-    `sample_topk_philox_ref`, which gives the same result.
+    The kernel runs for CUDA tensors with V <= MAX_VOCAB and contiguous 1-D settings (and embedding rows of a
+    multiple of 16 bytes at 16-byte aligned addresses); anything else goes to `sample_topk_philox_ref`, which
+    gives the same result.
     """
-    _check_args(logits, temperature, topk, seeds, counters, codebook, out, threads)
-    if not _kernel_applies(logits, temperature, topk, seeds, counters, out):
-        return sample_topk_philox_ref(logits, temperature, topk, seeds, counters, codebook, out, threads=threads)
+    _check_args(logits, temperature, topk, seeds, counters, codebook, out, threads, embed_table, embed_out)
+    if not _kernel_applies(logits, temperature, topk, seeds, counters, out, embed_table, embed_out):
+        return sample_topk_philox_ref(logits, temperature, topk, seeds, counters, codebook, out, threads=threads,
+                                      embed_table=embed_table, embed_out=embed_out)
     if out is None:
         out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    _launch(logits, temperature, topk, seeds, counters, codebook, out, threads)
+    _launch(logits, temperature, topk, seeds, counters, codebook, out, threads, embed_table, embed_out)
     return out
 
 
@@ -77,12 +87,16 @@ def sample_topk_philox_ref(
     out: Tensor | None = None,
     *,
     threads: int | None = None,
+    embed_table: Tensor | None = None,
+    embed_out: Tensor | None = None,
 ) -> Tensor:
     """`sample_topk_philox` in plain PyTorch (any device, vectorised over rows, no host sync); same signature
     and result. `threads` is checked and otherwise ignored."""
-    _check_args(logits, temperature, topk, seeds, counters, codebook, out, threads)
+    _check_args(logits, temperature, topk, seeds, counters, codebook, out, threads, embed_table, embed_out)
     uniform = philox_uniform_ref(seeds, counters, codebook, logits.shape[1])
     picked = race_pick_ref(logits, temperature, topk, uniform)
+    if embed_table is not None:
+        embed_out.copy_(embed_table[picked])
     return picked if out is None else out.copy_(picked)
 
 
@@ -141,7 +155,8 @@ def _mulhilo32(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
     return (t >> 16) + (s >> 32), s & _MASK32
 
 
-def _check_args(logits, temperature, topk, seeds, counters, codebook, out, threads) -> None:
+def _check_args(logits, temperature, topk, seeds, counters, codebook, out, threads, embed_table=None,
+                embed_out=None) -> None:
     if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError(f"sample_topk_philox: logits must be (N, V) with V > 0, got shape {tuple(logits.shape)}")
     n, device = logits.shape[0], logits.device
@@ -156,6 +171,17 @@ def _check_args(logits, temperature, topk, seeds, counters, codebook, out, threa
     if isinstance(codebook, bool) or not isinstance(codebook, int) or not 0 <= codebook <= _MASK32:
         raise ValueError(f"sample_topk_philox: codebook must be a python int in [0, 2^32), got {codebook!r}")
     check_threads("sample_topk_philox", threads, MAX_THREADS)
+    if (embed_table is None) != (embed_out is None):
+        raise ValueError("sample_topk_philox: give embed_table and embed_out together, or neither")
+    if embed_table is not None:
+        vocab = logits.shape[1]
+        if (embed_table.dim() != 2 or embed_table.shape[0] != vocab or embed_out.shape != (n, embed_table.shape[1])
+                or embed_out.dtype != embed_table.dtype or embed_table.device != device or embed_out.device != device):
+            raise ValueError(
+                f"sample_topk_philox: embed_table must be ({vocab}, D) and embed_out ({n}, D), one dtype, on {device}; "
+                f"got {tuple(embed_table.shape)} {embed_table.dtype} on {embed_table.device} and "
+                f"{tuple(embed_out.shape)} {embed_out.dtype} on {embed_out.device}"
+            )
 
 
 def check_threads(op: str, threads: int | None, max_threads: int) -> None:
@@ -166,9 +192,23 @@ def check_threads(op: str, threads: int | None, max_threads: int) -> None:
         raise ValueError(f"{op}: threads must be None or a multiple of 32 in [32, {max_threads}], got {threads!r}")
 
 
-def _kernel_applies(logits, temperature, topk, seeds, counters, out) -> bool:
+def _embedding_fits(embed_table, embed_out) -> bool:
+    """The kernel copies embedding rows in 16-byte words."""
+    if embed_table is None:
+        return True
+    row_bytes = embed_table.shape[1] * embed_table.element_size()
     return (
-        logits.is_cuda
+        row_bytes % 16 == 0
+        and all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+                for t in (embed_table, embed_out))
+        and (embed_out.shape[0] <= 1 or embed_out.stride(0) >= embed_out.shape[1])
+    )
+
+
+def _kernel_applies(logits, temperature, topk, seeds, counters, out, embed_table=None, embed_out=None) -> bool:
+    return (
+        _embedding_fits(embed_table, embed_out)
+        and logits.is_cuda
         and logits.dtype in KERNEL_DTYPES
         and logits.shape[1] <= MAX_VOCAB
         and (logits.stride(1) == 1 or logits.shape[1] == 1)
@@ -178,7 +218,8 @@ def _kernel_applies(logits, temperature, topk, seeds, counters, out) -> bool:
     )
 
 
-def _launch(logits, temperature, topk, seeds, counters, codebook, out, threads) -> None:
+def _launch(logits, temperature, topk, seeds, counters, codebook, out, threads, embed_table=None,
+            embed_out=None) -> None:
     """The launch itself, arguments already checked; paid once per codebook per frame outside graphs."""
     n, vocab = logits.shape
     if n == 0:
@@ -199,6 +240,10 @@ def _launch(logits, temperature, topk, seeds, counters, codebook, out, threads) 
         threads or 0,
         stream_handle(index),
     )
+    if embed_table is not None:
+        esize = embed_table.element_size()
+        args += (embed_table.data_ptr(), embed_out.data_ptr(), embed_table.shape[1] * esize,
+                 embed_out.stride(0) * esize)
     if index == torch.cuda.current_device():
         kernels_module().sample_topk_philox(*args)
     else:
