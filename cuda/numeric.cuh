@@ -55,6 +55,16 @@ __device__ __forceinline__ void unpack8<__half>(const uint4& raw, float (&f)[8])
     }
 }
 
+// Rotate-half RoPE of one element pair (x1 in a head's first half, x2 its partner in the second) by the angle
+// with cosine c and sine s: in fp32, each result rounded once. rope.cu and rope_append_attention.cu both use
+// it, so the two write the same bits to a KV cache (a test checks).
+template <typename T>
+__device__ __forceinline__ void rotate_pair(T& x1, T& x2, float c, float s) {
+    const float u1 = to_f32(x1), u2 = to_f32(x2);
+    x1 = from_f32<T>(u1 * c - u2 * s);
+    x2 = from_f32<T>(u2 * c + u1 * s);
+}
+
 // The softmaxes work in base 2 (scores pre-scaled by log2(e)), attention.cu and rope_append_attention.cu.
 constexpr float kLog2e = 1.4426950408889634f;
 

@@ -70,9 +70,7 @@ __global__ void __launch_bounds__(kRopeMaxThreads)
         for (int e = 0; e < P; e++) {
             float s, c;
             sincosf(p * inv_freq[j + e], &s, &c);
-            const float u1 = to_f32(x1.v[e]), u2 = to_f32(x2.v[e]);
-            x1.v[e] = from_f32<T>(u1 * c - u2 * s);
-            x2.v[e] = from_f32<T>(u2 * c + u1 * s);
+            rotate_pair(x1.v[e], x2.v[e], c, s);
         }
     }
     *reinterpret_cast<Pack<T, P>*>(dst) = x1;

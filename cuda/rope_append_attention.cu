@@ -119,12 +119,7 @@ __global__ void __launch_bounds__(kShortAttnMaxThreads) rope_append_attention_ke
         Pack<T, 8> x2 = *reinterpret_cast<const Pack<T, 8>*>(src + half);
         if (h <= hpb) {  // q or k: rotate in fp32, round once (as rope.cu)
 #pragma unroll
-            for (int e = 0; e < 8; e++) {
-                const float c = cos_s[j + e], s = sin_s[j + e];
-                const float u1 = to_f32(x1.v[e]), u2 = to_f32(x2.v[e]);
-                x1.v[e] = from_f32<T>(u1 * c - u2 * s);
-                x2.v[e] = from_f32<T>(u2 * c + u1 * s);
-            }
+            for (int e = 0; e < 8; e++) rotate_pair(x1.v[e], x2.v[e], cos_s[j + e], sin_s[j + e]);
         }
         if (h < hpb) {
             float* q = q_s + h * hd + j;

@@ -91,3 +91,23 @@ def hf_tiny(tmp_path_factory):
     model.save_pretrained(folder)
     byte_level_tokenizer().save_pretrained(folder)
     return model, folder
+
+
+def assert_allocates_nothing(step, repeats: int = 3, warm_up_on_side_stream: bool = False) -> None:
+    """Warm step up once (on a side stream when a graph capture will follow, as capture wants), then run it
+    `repeats` more times: the caching allocator must not be asked for any memory (a kernel path with its
+    outputs and workspaces given allocates nothing)."""
+    if warm_up_on_side_stream:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+    else:
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    for _ in range(repeats):
+        step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, "the steady state allocated"

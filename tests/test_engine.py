@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+from conftest import assert_allocates_nothing
 from seseme_cli.checkpoints import load_checkpoint
 from seseme_cli.engine import Engine
 from seseme_cli.engine.frame import TeacherForcing
@@ -168,13 +169,7 @@ def test_steady_state_frames_allocate_nothing(gpu_models):
     assert engine.graphs, "graph capture failed on this GPU"
     tokens, mask = prompt(7, 20)
     engine.set_row(0, tokens, mask, 0.9, 50, 0)
-    engine.step(1)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    for _ in range(20):
-        engine.step(1)
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    assert_allocates_nothing(lambda: engine.step(1), repeats=20)
 
 
 def test_set_rows_batched_prefill_equals_one_row_at_a_time_cpu():

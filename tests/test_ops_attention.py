@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from conftest import assert_allocates_nothing
 from seseme_cli.config import RopeScaling, TransformerConfig
 from seseme_cli.kernels import has_cuda_kernels, kernels_module
 from seseme_cli.model import Transformer, rope_inv_freq
@@ -611,20 +612,6 @@ def test_attention_dispatch_falls_back_to_reference():
         assert torch.equal(out, expect)
 
 
-def warm_up_then_check_no_allocations(step):
-    """Run step once on a side stream (the warm-up a capture wants), then once more: it must not allocate."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    step()
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, "the kernel path allocated"
-
-
 @pytest.mark.cuda
 @needs_kernels
 @pytest.mark.parametrize("H,Hkv,hd,S", [(32, 8, 64, 2048), (8, 2, 128, 33)], ids=["backbone", "depth"])
@@ -648,7 +635,7 @@ def test_graph_capture_and_no_allocations(H, Hkv, hd, S):
         rope_append(qkv, positions, rows, inv_freq, k_cache, v_cache, q)
         decode_attention(q, k_cache, v_cache, rows, lengths, out, workspace=ws)
 
-    warm_up_then_check_no_allocations(step)
+    assert_allocates_nothing(step, repeats=1, warm_up_on_side_stream=True)
 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -775,7 +762,7 @@ def test_fused_short_attention_graph_capture_and_no_allocations():
         producer.copy_(qkv)
         rope_append_attention(producer, pos, rows, lengths, inv_freq, k_cache, v_cache, out)
 
-    warm_up_then_check_no_allocations(step)
+    assert_allocates_nothing(step, repeats=1, warm_up_on_side_stream=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()

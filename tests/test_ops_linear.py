@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_allocates_nothing
 from seseme_cli.kernels import has_cuda_kernels, kernels_module
 from seseme_cli.ops.linear import (
     LinearConfig,
@@ -415,13 +416,7 @@ def _graph_problems():
 def test_no_allocation_with_preallocated_buffers():
     step, outs, _, ws = _graph_problems()
     assert ws.numel() > 16  # the split-K path is in the mix
-    step()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    assert_allocates_nothing(step, repeats=5)
 
 
 def assert_graph_replays_eager(step, outs, xs):
@@ -678,15 +673,5 @@ def _norm_graph_problems():
 @cuda
 def test_norm_no_allocation_and_cuda_graph():
     step, outs, xs = _norm_graph_problems()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    assert_allocates_nothing(step, warm_up_on_side_stream=True)
     assert_graph_replays_eager(step, outs, xs)

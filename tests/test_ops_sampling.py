@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import assert_allocates_nothing
 from seseme_cli.kernels import has_cuda_kernels, kernels_module
 from seseme_cli.ops.sampling import (
     MAX_VOCAB,
@@ -500,15 +501,8 @@ def test_kernel_cuda_graph_replay_and_no_allocations():
     temperature.fill_(0.9)
     topk.fill_(50)
     out = torch.full((n,), -1, dtype=torch.int64, device="cuda")
-    sample_topk_philox(logits, temperature, topk, seeds, counters, 7, out)  # warm-up outside the graph
-    torch.cuda.synchronize()
-
     # No allocation at all on the kernel path with out given (not even from the caching allocator).
-    before = torch.cuda.memory_stats()["allocation.all.allocated"]
-    for _ in range(3):
-        sample_topk_philox(logits, temperature, topk, seeds, counters, 7, out)
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before
+    assert_allocates_nothing(lambda: sample_topk_philox(logits, temperature, topk, seeds, counters, 7, out))
 
     graph = torch.cuda.CUDAGraph()
     out.fill_(-1)
