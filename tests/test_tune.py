@@ -216,6 +216,14 @@ def test_attention_and_threads_candidates_fit_the_engine():
             tuning._validate("attention", (1, H, Hkv, 64, S), p)  # raises if the engine could not run it
         assert max(p.get("num_splits", 1) for p in cands) == A.max_num_splits(S)
     assert tune.threads_candidates(256)[1:] == [{"threads": t} for t in (32, 64, 128, 256)]
+    for H, Hkv in [(8, 2), (32, 8), (6, 2), (4, 4)]:
+        cands = tune.short_attention_candidates(H, Hkv)
+        assert cands[0] == {} and len(cands) == len({tuple(sorted(p.items())) for p in cands}) > 4
+        for p in cands[1:]:
+            tuning._validate("short_attention", (1, H, Hkv, 128, 33), p)
+    for bad in ({"heads_per_block": 3}, {"threads": 512}, {"num_splits": 2}):
+        with pytest.raises(ValueError):
+            tuning._validate("short_attention", (1, 8, 2, 128, 33), bad)
 
 
 def test_frame_cases_cover_every_linear_call():
@@ -226,9 +234,12 @@ def test_frame_cases_cover_every_linear_call():
     linear = {shape for op, shape, _, _ in specs if op == "linear"}
     expected = {(n, m, k, int(sw)) for n, m, k, sw in linear_shapes(cfg, 1)}
     assert linear == expected and len(linear) == 15
-    assert {op for op, *_ in specs} == {"linear", "attention", "rope", "sampling"}
-    assert ("attention", (1, 32, 8, 64, 2048)) in {(op, s) for op, s, *_ in specs}
-    assert ("attention", (2, 8, 2, 128, 33)) in {(op, s) for op, s, *_ in specs}
+    assert {op for op, *_ in specs} == {"linear", "attention", "short_attention", "rope", "sampling"}
+    ops = {(op, s) for op, s, *_ in specs}
+    assert ("attention", (1, 32, 8, 64, 2048)) in ops and ("rope", (1, 32, 8, 64)) in ops  # backbone
+    assert ("attention", (2, 8, 2, 128, 33)) in ops and ("rope", (2, 8, 2, 128)) in ops  # depth step 0
+    # the one-token depth steps run the fused kernel, not rope + attention
+    assert ("short_attention", (1, 8, 2, 128, 33)) in ops and ("attention", (1, 8, 2, 128, 33)) not in ops
     big = {shape[0] for op, shape, *_ in tune.frame_cases(cfg, [1, 8, 32, 64])}
     assert max(big) == 64  # depth step 0 at batch 64 has 128 rows: the reference runs, nothing to tune
 

@@ -32,6 +32,8 @@ from .ops.linear import LinearConfig, _config_error, default_config, linear, lin
 from .ops.linear import swiglu_linear, swiglu_linear_ref
 from .ops.rmsnorm import rms_norm_ref
 from .ops.sampling import sample_topk_philox, sample_topk_philox_ref
+from .ops.short_attention import SHORT_MAX_THREADS, rope_append_attention, rope_append_attention_ref, short_attention_fits
+from .engine import frame as engine_frame
 
 DTYPE = torch.bfloat16
 CALLS = 32  # calls per timed graph: long enough for event resolution, short enough to sweep hundreds
@@ -171,6 +173,16 @@ def attention_candidates(heads: int, kv_heads: int, cache_len: int) -> list[dict
     return out
 
 
+def short_attention_candidates(heads: int, kv_heads: int) -> list[dict]:
+    rep = heads // kv_heads
+    per_block = [None] + [h for h in range(1, rep + 1) if rep % h == 0]
+    out = [{}]
+    for h, t in itertools.product(per_block, (None, 32, 64, 128, 256)):
+        if (h or t) and (t or 0) <= SHORT_MAX_THREADS:
+            out.append({**({"heads_per_block": h} if h else {}), **({"threads": t} if t else {})})
+    return out
+
+
 def threads_candidates(most: int) -> list[dict]:
     return [{}] + [{"threads": t} for t in (32, 64, 128, 256, 512, 1024) if t <= most]
 
@@ -254,6 +266,47 @@ def attention_case(n: int, heads: int, kv_heads: int, hd: int, cache_len: int, l
                 attention_candidates(heads, kv_heads, cache_len), launch, check)
 
 
+def short_attention_case(n: int, heads: int, kv_heads: int, hd: int, cache_len: int, inv_freq: torch.Tensor,
+                         label: str) -> Case:
+    """The depth decoder's one-token steps: RoPE + append + attention in one kernel, timed at an early, a middle
+    and the last position (a graph's consecutive calls use different cache copies: the kernel reads the older
+    slots before it waits for the call before it)."""
+    inv_freq = inv_freq.to("cuda")
+    g = torch.Generator(device="cuda").manual_seed(n * 29 + cache_len)
+    shape = (n, cache_len, kv_heads, hd)
+    caches = [(_randn(*shape, g=g), _randn(*shape, g=g)) for _ in range(max(2, _copies(2 * math.prod(shape) * 2)))]
+    qkv = _randn(n, (heads + 2 * kv_heads) * hd, g=g)
+    rows = torch.arange(n, device="cuda", dtype=torch.int32)
+    spans = sorted({min(2, cache_len - 1), cache_len // 2, cache_len - 1})
+    positions = [torch.full((n,), p, device="cuda", dtype=torch.long) for p in spans]
+    lengths = [(p + 1).int() for p in positions]
+    out = torch.empty(n, heads, hd, device="cuda", dtype=DTYPE)
+
+    def launch(p, i):
+        k_cache, v_cache = caches[i % len(caches)]
+        j = i % len(spans)
+        rope_append_attention(qkv, positions[j], rows, lengths[j], inv_freq, k_cache, v_cache, out, **p)
+
+    def run_on_copy_0(fn, p):  # every candidate starts from the same caches
+        k_cache, v_cache = caches[0][0].clone(), caches[0][1].clone()
+        result = torch.full_like(out, float("nan"))
+        fn(qkv, positions[-1], rows, lengths[-1], inv_freq, k_cache, v_cache, result, **p)
+        return result
+
+    ref = run_on_copy_0(rope_append_attention_ref, {}).double()
+    default = run_on_copy_0(rope_append_attention, {})
+    floor = 1e-5 * caches[0][1].double().abs().max().item()
+
+    def check(p):  # the launch shape must not change the result: equal to the default, or one rounding from the ref
+        got = run_on_copy_0(rope_append_attention, p)
+        tol = 2 * torch.finfo(DTYPE).eps * ref.abs() + floor
+        return bool(torch.isfinite(got).all()) and (torch.equal(got, default)
+                                                    or bool(((got.double() - ref).abs() <= tol).all()))
+
+    return Case("short_attention", (n, heads, kv_heads, hd, cache_len), label,
+                short_attention_candidates(heads, kv_heads), launch, check)
+
+
 def rope_case(n: int, heads: int, kv_heads: int, hd: int, cache_len: int, inv_freq: torch.Tensor, label: str) -> Case:
     inv_freq = inv_freq.to("cuda")
     g = torch.Generator(device="cuda").manual_seed(n * 17 + hd)
@@ -325,8 +378,13 @@ def frame_cases(cfg: CsmConfig, batch_sizes: list[int]) -> list[tuple[str, tuple
                                         (t.ffn_dim, t.dim, True, False, "gate_up"), (t.dim, t.ffn_dim, False, True, "down")):
                 add("linear", (n, m, k, int(sw)), f"{name} {what}", linear_case, n, m, k, sw, res,
                     norm=what in ("qkv", "gate_up"))
-            add("rope", (n, H, Hkv, hd), f"{name} rope", rope_case, n, H, Hkv, hd, S,
-                rope_inv_freq(hd, t.rope_theta, t.rope_scaling).float())
+            inv_freq = rope_inv_freq(hd, t.rope_theta, t.rope_scaling).float()
+            if name == "depth" and engine_frame.FUSED_SHORT_ATTENTION and short_attention_fits(H, Hkv, hd, S):
+                # the one-token depth steps run the fused kernel (engine/frame.py run_stack)
+                add("short_attention", (n, H, Hkv, hd, S), f"{name} rope+attention", short_attention_case, n, H,
+                    Hkv, hd, S, inv_freq)
+                continue
+            add("rope", (n, H, Hkv, hd), f"{name} rope", rope_case, n, H, Hkv, hd, S, inv_freq)
             add("attention", (n, H, Hkv, hd, S), f"{name} attention", attention_case, n, H, Hkv, hd, S)
         if b <= 64:
             add("linear", (b, V, bb.dim, 0), "codebook-0 head", linear_case, b, V, bb.dim, False, False)
@@ -363,7 +421,8 @@ def describe(params: dict) -> str:
     return " ".join(f"{k.replace('_', ' ')} {v}" for k, v in params.items())
 
 
-SHAPE_NAMES = {"linear": "n, m, k, swiglu", "attention": "n, H, Hkv, hd, S", "rope": "n, H, Hkv, hd", "sampling": "n, V"}
+SHAPE_NAMES = {"linear": "n, m, k, swiglu", "attention": "n, H, Hkv, hd, S", "short_attention": "n, H, Hkv, hd, S",
+               "rope": "n, H, Hkv, hd", "sampling": "n, V"}
 
 
 def tables(results: list[Result]) -> list:

@@ -1,12 +1,13 @@
 """Tuned launch parameters: the JSON cache that `seseme tune` writes and the engine reads at start-up.
 
 A cache holds, per op and exact shape, the keyword arguments that op was fastest with on one GPU (a
-LinearConfig for the linear layers; num_splits / threads / keys_per_iter for attention; threads for RoPE and
-sampling). The engine asks `tuned_config(tuning, op, *shape)` at each op call of a frame and splats the answer
+LinearConfig for the linear layers; num_splits / threads / keys_per_iter for attention; heads_per_block /
+threads for the fused short-cache attention; threads for RoPE and sampling). The engine asks `tuned_config(tuning, op, *shape)` at each op call of a frame and splats the answer
 into the call; an empty dict means "the op's built-in default". Shapes:
 
     linear     (n, m, k, swiglu)    m = output columns (f for swiglu), as default_config takes them
     attention  (n, heads, kv_heads, head_dim, cache_len)
+    short_attention  (n, heads, kv_heads, head_dim, cache_len)   the depth decoder's fused one-token steps
     rope       (n, heads, kv_heads, head_dim)
     sampling   (n, vocab)
 
@@ -36,6 +37,7 @@ from .kernels import kernels_module
 from .ops import attention as A
 from .ops.linear import LinearConfig, _as_config, _config_error
 from .ops.sampling import MAX_THREADS as SAMPLE_MAX_THREADS
+from .ops.short_attention import SHORT_MAX_THREADS
 
 log = logging.getLogger("seseme")
 
@@ -43,7 +45,7 @@ log = logging.getLogger("seseme")
 # caches made before are then stale.
 KERNEL_TUNING_VERSION = 1
 FORMAT = "seseme-tune"
-SHAPE_ARITY = {"linear": 4, "attention": 5, "rope": 4, "sampling": 2}
+SHAPE_ARITY = {"linear": 4, "attention": 5, "short_attention": 5, "rope": 4, "sampling": 2}
 
 
 def cache_dir() -> Path:
@@ -156,7 +158,7 @@ def _validate(op: str, shape: tuple[int, ...], kwargs: dict) -> None:
     """ValueError unless the op accepts these parameters at this shape *inside the engine*: a parameter the
     op would reject would otherwise fail the engine's graph capture."""
     allowed = {"linear": {"config"}, "attention": {"num_splits", "threads", "keys_per_iter"},
-               "rope": {"threads"}, "sampling": {"threads"}}[op]
+               "short_attention": {"heads_per_block", "threads"}, "rope": {"threads"}, "sampling": {"threads"}}[op]
     if set(kwargs) - allowed:
         raise ValueError(f"{op}: unknown parameters {sorted(set(kwargs) - allowed)}")
     if op == "linear":
@@ -166,8 +168,16 @@ def _validate(op: str, shape: tuple[int, ...], kwargs: dict) -> None:
             raise ValueError(f"linear {list(shape)}: {err}")
         return
     threads = kwargs.get("threads")
-    most = {"attention": A.ATTENTION_MAX_THREADS, "rope": A.ROPE_MAX_THREADS, "sampling": SAMPLE_MAX_THREADS}[op]
+    most = {"attention": A.ATTENTION_MAX_THREADS, "short_attention": SHORT_MAX_THREADS, "rope": A.ROPE_MAX_THREADS,
+            "sampling": SAMPLE_MAX_THREADS}[op]
     A._check_threads(op, threads, most)
+    if op == "short_attention":
+        n, heads, kv_heads, hd, cache_len = shape
+        per_block = kwargs.get("heads_per_block")
+        if per_block is not None and (not isinstance(per_block, int) or isinstance(per_block, bool) or per_block < 1
+                                      or heads % kv_heads or (heads // kv_heads) % per_block):
+            raise ValueError(f"short_attention {list(shape)}: heads_per_block {per_block!r} does not divide the "
+                             "query heads per KV head")
     if op == "attention":
         n, heads, kv_heads, hd, cache_len = shape
         splits, keys = kwargs.get("num_splits"), kwargs.get("keys_per_iter")

@@ -115,12 +115,14 @@ def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, ca
     t_up = tuned_config(tuning, "linear", n, act.shape[1], xn.shape[1], True)
     t_down = tuned_config(tuning, "linear", n, h.shape[1], act.shape[1], False)
     t_rope, t_attn = tuned_config(tuning, "rope", n, H, Hkv, hd), tuned_config(tuning, "attention", n, H, Hkv, hd, S)
+    t_short = tuned_config(tuning, "short_attention", n, H, Hkv, hd, S)
     for layer in w.layers:
         # The pre-attention and pre-MLP norms run inside the projections (fused when the GEMV runs, else
         # rms_norm into xn first); xn is scratch here.
         linear(h, layer.wqkv, out=qkv, workspace=ws, norm_weight=layer.attn_norm, norm_eps=w.eps, norm_out=xn, **t_qkv)
         if fused:
-            rope_append_attention(qkv, positions, cache_rows, lengths, w.inv_freq, layer.k_cache, layer.v_cache, attn)
+            rope_append_attention(qkv, positions, cache_rows, lengths, w.inv_freq, layer.k_cache, layer.v_cache, attn,
+                                  **t_short)
         else:
             rope_append(qkv, positions, cache_rows, w.inv_freq, layer.k_cache, layer.v_cache, q, **t_rope)
             decode_attention(q, layer.k_cache, layer.v_cache, cache_rows, lengths, attn, workspace=buf.workspace,
