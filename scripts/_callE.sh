@@ -1,4 +1,3 @@
-python3 -m seseme_cli tune 2>&1 | grep -A12 "short_attention\|rope+attention" | head -30
-python3 -m seseme_cli tune 2>&1 | tail -1
+python3 -m seseme_cli tune > $OUT/tune.log 2>&1; grep -B2 -A14 "short_attention" $OUT/tune.log | head -40; tail -1 $OUT/tune.log
 mkdir -p $OUT/tune_cache && cp ~/.cache/seseme/*.json $OUT/tune_cache/
 python3 -m seseme_cli bench --batch-sizes 1,8,32,64,512 --json $OUT/bench_e.json 2>&1 | tail -10
