@@ -1,13 +1,3 @@
-python3 - <<'PY'
-import torch
-from seseme_cli import tune
-from seseme_cli.config import csm_1b
-from seseme_cli.model import rope_inv_freq
-d = csm_1b().depth
-with torch.inference_mode():
-    case = tune.short_attention_case(1, d.num_heads, d.num_kv_heads, d.head_dim, d.max_seq_len,
-                                     rope_inv_freq(d.head_dim, d.rope_theta, d.rope_scaling).float(), label="x")
-    r = tune.tune_case(case)
-print(r.to_dict())
-print(r.rejected_why[:5])
-PY
+python3 -m seseme_cli tune > $OUT/tune.log 2>&1; grep -A14 "^short_attention" $OUT/tune.log | head -20; tail -1 $OUT/tune.log
+mkdir -p $OUT/tune_cache && cp ~/.cache/seseme/*.json $OUT/tune_cache/
+python3 -m seseme_cli bench --batch-sizes 1,8,32,64,512 --json $OUT/bench_e.json 2>&1 | tail -10
