@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from seseme_cli import cli, tune, tuning
+from seseme_cli import cli, tune, tune_cases, tuning
 from seseme_cli.config import csm_1b
 from seseme_cli.kernels import has_cuda_kernels
 from seseme_cli.ops import attention as A
@@ -177,7 +177,7 @@ def test_shipped_tables_are_valid_for_this_version():
 def test_linear_candidates_are_valid_and_start_with_the_default():
     for n, m, k, swiglu in [(1, 3072, 2048, False), (2, 8192, 1024, True), (8, 2051, 1024, False),
                             (32, 2048, 8192, False), (64, 8192, 2048, True)]:
-        cands = tune.linear_candidates(n, m, k, swiglu)
+        cands = tune_cases.linear_candidates(n, m, k, swiglu)
         assert cands[0] == {} and len(cands) > 20
         configs = [c["config"] for c in cands[1:]]
         assert len(set(configs)) == len(configs)
@@ -197,7 +197,7 @@ def test_tune_case_never_picks_a_slower_or_failing_candidate(monkeypatch):
 
     def case(ok):
         cands = [{}] + [{"i": i} for i in range(1, 5)]
-        return tune.Case("x", (1,), "x", cands, lambda p, i: None, lambda p: ok(p.get("i", 0)))
+        return tune_cases.Case("x", (1,), "x", cands, lambda p, i: None, lambda p: ok(p.get("i", 0)))
 
     r = tune.tune_case(case(lambda i: i != 2))  # the fastest fails its check: the next one wins
     assert r.params == {"i": 3} and r.tuned_us == 8.0 and r.default_us == 10.0 and r.rejected == 1
@@ -210,14 +210,14 @@ def test_tune_case_never_picks_a_slower_or_failing_candidate(monkeypatch):
 
 def test_attention_and_threads_candidates_fit_the_engine():
     for S, H, Hkv in [(2048, 32, 8), (33, 8, 2)]:
-        cands = tune.attention_candidates(H, Hkv, S)
+        cands = tune_cases.attention_candidates(H, Hkv, S)
         assert cands[0] == {} and len(cands) > 4
         for p in cands[1:]:
             tuning._validate("attention", (1, H, Hkv, 64, S), p)  # raises if the engine could not run it
         assert max(p.get("num_splits", 1) for p in cands) == A.max_num_splits(S)
-    assert tune.threads_candidates(256)[1:] == [{"threads": t} for t in (32, 64, 128, 256)]
+    assert tune_cases.threads_candidates(256)[1:] == [{"threads": t} for t in (32, 64, 128, 256)]
     for H, Hkv in [(8, 2), (32, 8), (6, 2), (4, 4)]:
-        cands = tune.short_attention_candidates(H, Hkv)
+        cands = tune_cases.short_attention_candidates(H, Hkv)
         assert cands[0] == {} and len(cands) == len({tuple(sorted(p.items())) for p in cands}) > 4
         for p in cands[1:]:
             tuning._validate("short_attention", (1, H, Hkv, 128, 33), p)
@@ -230,7 +230,7 @@ def test_frame_cases_cover_every_linear_call():
     from seseme_cli.engine.frame import linear_shapes
 
     cfg = csm_1b()
-    specs = tune.frame_cases(cfg, [1])
+    specs = tune_cases.frame_cases(cfg, [1])
     linear = {shape for op, shape, _, _ in specs if op == "linear"}
     expected = {(n, m, k, int(sw)) for n, m, k, sw in linear_shapes(cfg, 1)}
     assert linear == expected and len(linear) == 15
@@ -240,7 +240,7 @@ def test_frame_cases_cover_every_linear_call():
     assert ("attention", (2, 8, 2, 128, 33)) in ops and ("rope", (2, 8, 2, 128)) in ops  # depth step 0
     # the one-token depth steps run the fused kernel, not rope + attention
     assert ("short_attention", (1, 8, 2, 128, 33)) in ops and ("attention", (1, 8, 2, 128, 33)) not in ops
-    big = {shape[0] for op, shape, *_ in tune.frame_cases(cfg, [1, 8, 32, 64])}
+    big = {shape[0] for op, shape, *_ in tune_cases.frame_cases(cfg, [1, 8, 32, 64])}
     assert max(big) == 64  # depth step 0 at batch 64 has 128 rows: the reference runs, nothing to tune
 
 
