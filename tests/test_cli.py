@@ -199,6 +199,26 @@ def test_bench_bad_input_or_no_gpu_is_one_line(args):
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.output
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_bench_on_the_gpu_writes_json_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = runner.invoke(cli.app, ["bench", "--model", "tiny-random", "--frames", "4", "--batch-sizes", "1,3",
+                                     "--compare-baseline", "--baseline-frames", "2", "--json", str(out),
+                                     "--plot", str(plot)])
+    assert_ok(result)
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["gpu"] == torch.cuda.get_device_name() and data["copy_bandwidth_gb_s"] > 0
+    assert data["kernel_tuning"]  # a table's path, or "built-in rules"
+    rows = {(r["name"], r["batch"]): r for r in data["results"]}
+    assert {b for name, b in rows if name == "seseme engine"} == {1, 3} and len(rows) == 4
+    assert all(r["ms_per_frame"] > 0 and r["frames"] >= 2 for r in rows.values())
+    assert rows[("seseme engine", 1)]["ttff_ms"] > 0 and plot.stat().st_size > 0
+
+
 # --- as a program: `python -m seseme_cli` -------------------------------------------------------------------
 
 def run_module(*args, **env):

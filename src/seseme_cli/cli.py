@@ -400,7 +400,11 @@ def bench(
             with err.status(f"timing batch {size}"):
                 results.append(b.bench_engine(tts, size, frames))
         _print_bench(results, copy, tts)
-        info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": tts.description}
+        from .tuning import load_tuning
+
+        tuning = load_tuning(tts.device)  # what the engine ran with (read once per process)
+        info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": tts.description,
+                "kernel_tuning": str(tuning.path) if tuning is not None else "built-in rules"}
         if json_path is not None:
             import json
 
