@@ -152,6 +152,16 @@ def test_builtin_table_without_a_cache_of_our_own(cache_home, caplog):
     assert load(caplog).path == own
 
 
+def test_builtin_table_with_a_stale_cache_of_our_own(cache_home, caplog):
+    # After an upgrade the old cache no longer matches: the built-in table runs, and the user hears why once.
+    tuning.save_tuning({**KEY, "kernels": "0.0.9"}, RESULTS)
+    path = write_builtin(KEY)
+    t = load(caplog)
+    assert t is not None and t.path == path and "built-in table" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "stale" in warnings[0] and "seseme tune" in warnings[0]
+
+
 @pytest.mark.parametrize("field, value", [("sms", 114), ("tuning_version", tuning.KERNEL_TUNING_VERSION + 1)])
 def test_builtin_table_of_another_setup_is_ignored(cache_home, caplog, field, value):
     write_builtin({**KEY, field: value})

@@ -242,14 +242,17 @@ def load_tuning(device: torch.device | str | None = None) -> Tuning | None:
     try:
         stamp = path.stat().st_mtime_ns
     except OSError:
+        # Caches of this GPU made for other CUDA or kernel versions: said once, whatever is used instead.
+        stale = sorted(p.name for p in cache_dir().glob(f"tune-{_slug(key['gpu'])}-*.json") if p != path)
+        if stale:
+            _once(("stale", path), lambda: None, "ignoring stale kernel tuning %s (made for other CUDA or kernel "
+                  "versions); run `seseme tune` to tune this setup", ", ".join(stale), level=logging.WARNING)
         builtin = builtin_path(key)
         if not setting and builtin.is_file():
             return _once(("builtin", str(builtin)), lambda: read_builtin(builtin, key), "kernel tuning: the built-in "
                          "table for %s (%s); `seseme tune` measures this machine", key["gpu"], builtin, on_error=builtin)
-        stale = sorted(p.name for p in cache_dir().glob(f"tune-{_slug(key['gpu'])}-*.json") if p != path)
         if stale:
-            return _once(("stale", path), lambda: None, "ignoring stale kernel tuning %s (made for other CUDA or "
-                         "kernel versions); run `seseme tune` to tune this setup", ", ".join(stale), level=logging.WARNING)
+            return None
         return _once(("none", path), lambda: None, "no kernel tuning for %s at %s: built-in defaults (run `seseme "
                      "tune`)", key["gpu"], path)
     return _once((str(path), stamp), lambda: read_tuning(path, None if setting else key),
