@@ -188,8 +188,6 @@ __device__ uint32_t radix_select(const float4* xs4, int vocab, int groups, uint3
     return prefix;
 }
 
-// The launch bounds keep the kernel launchable at the largest block size (<= 64 registers per thread;
-// without the 1, ptxas aims at two such blocks per SM, squeezes to 32 registers and spills).
 // Writes the drawn index (every thread holds the block's `best`) and, with an embedding, copies that table row
 // to the row's embedding output in 16-byte words (the launcher checked sizes and alignment).
 __device__ __forceinline__ void finish_row(unsigned long long best, int64_t* out, int row, const SampleEmbed& embed) {
@@ -201,6 +199,8 @@ __device__ __forceinline__ void finish_row(unsigned long long best, int64_t* out
     for (int i = threadIdx.x; i < embed.row_bytes / 16; i += blockDim.x) dst[i] = __ldg(src + i);
 }
 
+// The launch bounds keep the kernel launchable at the largest block size (<= 64 registers per thread;
+// without the 1, ptxas aims at two such blocks per SM, squeezes to 32 registers and spills).
 template <typename T>
 __global__ void __launch_bounds__(kSampleMaxThreads, 1)
     sample_topk_philox_kernel(int64_t* __restrict__ out, const T* __restrict__ logits, int vocab, int64_t row_stride,

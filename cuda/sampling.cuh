@@ -29,8 +29,8 @@ struct SampleEmbed {
 //   Philox4x32-10(counter = (i / 4, codebook, counters[r] lo, hi), key = (seeds[r] lo, hi)) mapped to
 //   ((u >> 8) + 1) * 2^-24 in (0, 1]; a NaN key (-inf logit, U = 1) counts as -inf. NaN logits: any index.
 // temperature fp32, topk int32, seeds/counters/out int64, all (rows,). Reads nothing but these (and the
-// embedding table); writes out[r] (and the embedding output row) only. threads: threads per block, a multiple of 32 in [32, kSampleMaxThreads], or 0 for the
-// default (one Philox group of 4 entries per thread).
+// embedding table); writes out[r] (and the embedding output row) only. threads: threads per block, a multiple
+// of 32 in [32, kSampleMaxThreads], or 0 for the default (one Philox group of 4 entries per thread).
 // Returns nullptr on success, else a static error message.
 const char* launch_sample_topk_philox(int64_t* out, const void* logits, int64_t rows, int64_t vocab,
                                       int64_t row_stride, const float* temperature, const int32_t* topk,
