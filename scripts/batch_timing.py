@@ -5,11 +5,13 @@ path itself (BatchRun, files in a temp folder) stage by stage.
 Usage: python scripts/batch_timing.py REQUESTS BATCH_SIZE"""
 import sys, tempfile, time, torch
 from pathlib import Path
-from seseme_cli import batch_run, row_audio, scheduler as sched_mod
-from seseme_cli.batch import Manifest, read_requests, plan_outputs
+from seseme_cli.batch import run as batch_run
+from seseme_cli.audio import rows as row_audio
+from seseme_cli.engine import scheduler as sched_mod
+from seseme_cli.batch.manifest import Manifest, read_requests, plan_outputs
 from seseme_cli import load_csm_1b_optimized
-from seseme_cli.row_audio import RowAudio
-from seseme_cli.scheduler import Scheduler, Work
+from seseme_cli.audio.rows import RowAudio
+from seseme_cli.engine.scheduler import Scheduler, Work
 
 n, B = int(sys.argv[1]), int(sys.argv[2])
 tts = load_csm_1b_optimized("random", "cuda")

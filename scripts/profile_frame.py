@@ -11,10 +11,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from seseme_cli import load_csm_1b_optimized
-from seseme_cli.bench import bench_prompt
+from seseme_cli.tools.bench import bench_prompt
 from seseme_cli.engine.frame import run_frame
-from seseme_cli.longform import Generation
-from seseme_cli.streaming import StreamDecoder, stream_generation
+from seseme_cli.speech.longform import Generation
+from seseme_cli.audio.stream import StreamDecoder, stream_generation
 
 
 def wall(fn, repeats=7):

@@ -78,7 +78,7 @@ def make_transformers_model(seed: int = 0, tie_codebooks_embeddings: bool = Fals
 @pytest.fixture(scope="module")
 def tts():
     """The tiny random model on the CPU, one per test module."""
-    from seseme_cli.generator import load_csm_1b_optimized
+    from seseme_cli.api import load_csm_1b_optimized
 
     return load_csm_1b_optimized("tiny-random", device="cpu")
 

@@ -18,16 +18,16 @@ import torch
 from typer.testing import CliRunner
 
 import seseme_cli
-from seseme_cli import cli
-from seseme_cli.batch import Manifest, Request, RequestError, parse_request, plan_outputs, read_requests
-from seseme_cli.batch_run import Tally, Writer
+from seseme_cli.cli import main as cli
+from seseme_cli.batch.manifest import Manifest, Request, RequestError, parse_request, plan_outputs, read_requests
+from seseme_cli.batch.run import Tally, Writer
 from seseme_cli.engine import Engine
 from seseme_cli.errors import SesemeError
-from seseme_cli.generator import load_csm_1b_optimized
-from seseme_cli.kernels import has_cuda_kernels
-from seseme_cli.longform import max_chunk_chars, split_text
-from seseme_cli.row_audio import RowAudio
-from seseme_cli.scheduler import Scheduler, Work
+from seseme_cli.api import load_csm_1b_optimized
+from seseme_cli.ops.kernels import has_cuda_kernels
+from seseme_cli.speech.longform import max_chunk_chars, split_text
+from seseme_cli.audio.rows import RowAudio
+from seseme_cli.engine.scheduler import Scheduler, Work
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 CONTEXT = SAMPLES / "context" / "espeak_hello.wav"
@@ -191,7 +191,7 @@ def test_rows_decoded_while_generating_equal_one_shot_decodes(tts):
 
 
 def test_batch_size_that_fits_counts_the_engine_row_and_its_decoder_slot(tts, monkeypatch):
-    from seseme_cli import batch_run
+    from seseme_cli.batch import run as batch_run
     from seseme_cli.engine.runner import bytes_per_row
 
     per_row = bytes_per_row(tts.config, torch.bfloat16) + batch_run.ROW_AUDIO_SLOT_BYTES

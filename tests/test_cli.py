@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import seseme_cli
-from seseme_cli import cli
+from seseme_cli.cli import main as cli
 
 FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
 FAST = ["--model", "tiny-random", "--device", "cpu", "--max-audio-ms", "800", "--seed", "1"]

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import MimiConfig, MimiModel
 
-from seseme_cli.codec import MimiCodec
+from seseme_cli.audio.codec import MimiCodec
 from seseme_cli.errors import InputError, SesemeError
 
 FRAME = 1920  # samples per frame at 24 kHz, 12.5 Hz

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from conftest import assert_allocates_nothing
-from seseme_cli.checkpoints import load_checkpoint
+from seseme_cli.model.checkpoints import load_checkpoint
 from seseme_cli.engine import Engine
 from seseme_cli.engine.frame import TeacherForcing
-from seseme_cli.generator import build_model, generate_frames
-from seseme_cli.kernels import has_cuda_kernels
+from seseme_cli.api import build_model
+from seseme_cli.model.reference import generate_frames
+from seseme_cli.ops.kernels import has_cuda_kernels
 
 K = 32
 cuda = pytest.mark.cuda
@@ -191,7 +192,7 @@ def test_set_rows_batched_prefill_equals_one_row_at_a_time_cpu():
 
 
 def test_a_batch_too_large_for_memory_names_the_largest_that_fits():
-    from seseme_cli.config import csm_1b
+    from seseme_cli.model.config import csm_1b
     from seseme_cli.engine.runner import bytes_per_row, check_batch_fits
     from seseme_cli.errors import InputError
 

@@ -4,7 +4,7 @@ wait_for_inputs() holds it until the current one has finished, eagerly and insid
 import pytest
 import torch
 
-from seseme_cli.kernels import has_cuda_kernels, pdl_probe
+from seseme_cli.ops.kernels import has_cuda_kernels, pdl_probe
 
 pytestmark = pytest.mark.cuda
 

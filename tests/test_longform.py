@@ -9,10 +9,10 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
-from seseme_cli import cli
-from seseme_cli.generator import load_csm_1b_optimized
-from seseme_cli.kernels import has_cuda_kernels
-from seseme_cli.longform import SpeechJob, Turn, max_chunk_chars, split_text
+from seseme_cli.cli import main as cli
+from seseme_cli.api import load_csm_1b_optimized
+from seseme_cli.ops.kernels import has_cuda_kernels
+from seseme_cli.speech.longform import SpeechJob, Turn, max_chunk_chars, split_text
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 PARAGRAPHS = (SAMPLES / "texts" / "paragraphs.txt").read_text()

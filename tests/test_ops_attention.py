@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from conftest import assert_allocates_nothing
-from seseme_cli.config import RopeScaling, TransformerConfig
-from seseme_cli.kernels import has_cuda_kernels, kernels_module
-from seseme_cli.model import Transformer, rope_inv_freq
+from seseme_cli.model.config import RopeScaling, TransformerConfig
+from seseme_cli.ops.kernels import has_cuda_kernels, kernels_module
+from seseme_cli.model.reference import Transformer, rope_inv_freq
 from seseme_cli.ops import attention as A
 from seseme_cli.ops.attention import (
     attention_workspace,

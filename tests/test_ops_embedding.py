@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import assert_allocates_nothing
-from seseme_cli.config import tiny
-from seseme_cli.kernels import has_cuda_kernels, kernels_module
-from seseme_cli.model import CsmModel
+from seseme_cli.model.config import tiny
+from seseme_cli.ops.kernels import has_cuda_kernels, kernels_module
+from seseme_cli.model.reference import CsmModel
 from seseme_cli.ops.embedding import _kernel_applies, embed_codes, embed_codes_ref
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

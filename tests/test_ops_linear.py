@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_allocates_nothing
-from seseme_cli.kernels import has_cuda_kernels, kernels_module
+from seseme_cli.ops.kernels import has_cuda_kernels, kernels_module
 from seseme_cli.ops.linear import (
     LinearConfig,
     _norm_fuses,

@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from seseme_cli.kernels import has_cuda_kernels
+from seseme_cli.ops.kernels import has_cuda_kernels
 from seseme_cli.ops import rms_norm, rms_norm_ref
 from seseme_cli.ops.rmsnorm import _kernel_applies
 

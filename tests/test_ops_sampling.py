@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_allocates_nothing
-from seseme_cli.kernels import has_cuda_kernels, kernels_module
+from seseme_cli.ops.kernels import has_cuda_kernels, kernels_module
 from seseme_cli.ops.sampling import (
     MAX_VOCAB,
     _kernel_applies,
@@ -182,9 +182,9 @@ def test_frequencies_match_softmax_over_topk(temperature, k):
 
 
 def test_distribution_matches_sampling_py():
-    # The original rule (seseme_cli.sampling.sample_topk: torch RNG, multinomial-free race) and ours draw
+    # The original rule (seseme_cli.model.reference.sample_topk: torch RNG, multinomial-free race) and ours draw
     # from the same distribution: compare both histograms with a two-sample chi-square.
-    from seseme_cli.sampling import sample_topk
+    from seseme_cli.model.reference import sample_topk
 
     vocab, draws, temperature, k = 30, 40000, 0.8, 10
     row = torch.randn(vocab, generator=torch.Generator().manual_seed(5))

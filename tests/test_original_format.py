@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import TEXT_VOCAB, byte_level_tokenizer
-from seseme_cli.checkpoints import MIMI_FILE, load_checkpoint
-from seseme_cli.generator import build_model
+from seseme_cli.model.checkpoints import MIMI_FILE, load_checkpoint
+from seseme_cli.api import build_model
 
 K = 32
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import TEXT_VOCAB, make_transformers_model
-from seseme_cli.checkpoints import load_checkpoint
-from seseme_cli.generator import build_model, generate_frames
+from seseme_cli.model.checkpoints import load_checkpoint
+from seseme_cli.api import build_model
+from seseme_cli.model.reference import generate_frames
 
 K, V = 32, 2051
 FP32_TOL = dict(rtol=1e-4, atol=1e-4)

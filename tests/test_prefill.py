@@ -12,11 +12,12 @@ import copy
 import pytest
 import torch
 
-from seseme_cli.checkpoints import load_checkpoint
+from seseme_cli.model.checkpoints import load_checkpoint
 from seseme_cli.engine import Engine
 from seseme_cli.engine.prefill import Prefill
-from seseme_cli.generator import build_model, generate_frames
-from seseme_cli.kernels import has_cuda_kernels
+from seseme_cli.api import build_model
+from seseme_cli.model.reference import generate_frames
+from seseme_cli.ops.kernels import has_cuda_kernels
 
 K, VOCAB = 32, 2051
 SENTINEL = 7.0  # what every cache slot holds before a prefill: slots it must not write keep it

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from seseme_cli.codec import MimiCodec
-from seseme_cli.row_audio import RowAudio
+from seseme_cli.audio.codec import MimiCodec
+from seseme_cli.audio.rows import RowAudio
 
 K, FRAME = 32, 1920
 

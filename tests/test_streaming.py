@@ -11,14 +11,14 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
-from seseme_cli import cli
-from seseme_cli.codec import MimiCodec
+from seseme_cli.cli import main as cli
+from seseme_cli.audio.codec import MimiCodec
 from seseme_cli.errors import InputError
-from seseme_cli.generator import load_csm_1b_optimized
-from seseme_cli.kernels import has_cuda_kernels
-from seseme_cli.longform import Turn
-from seseme_cli.audio_io import pcm16, wav_header
-from seseme_cli.streaming import FileSink, PipeSink, StreamDecoder, decode_codes
+from seseme_cli.api import load_csm_1b_optimized
+from seseme_cli.ops.kernels import has_cuda_kernels
+from seseme_cli.speech.longform import Turn
+from seseme_cli.audio.files import pcm16, wav_header
+from seseme_cli.audio.stream import FileSink, PipeSink, StreamDecoder, decode_codes
 
 FRAME = 1920
 K = 32
@@ -155,8 +155,8 @@ def test_stream_chunks_small_first_then_regular_and_equal_generate(tts):
 
 def test_stream_generation_from_a_prebuilt_prompt(tts):
     # What `seseme bench` times for time to first audio: an exact prompt, the first chunk one frame.
-    from seseme_cli.longform import Generation
-    from seseme_cli.streaming import stream_generation
+    from seseme_cli.speech.longform import Generation
+    from seseme_cli.audio.stream import stream_generation
 
     tokens, mask = tts.build_prompt("Hello there.", 0)
     chunks = list(stream_generation(tts, Generation(tokens, mask, max_frames=10, seed=3), chunk_frames=4))
@@ -196,7 +196,7 @@ def test_errors_in_the_generation_thread_reach_the_caller(tts):
 def test_generation_waits_for_the_first_decode_then_overlaps_decoding(tts, monkeypatch):
     # The first chunk is decoded with the GPU and the GIL to itself (time to first audio); from then on, while
     # this thread decodes a chunk (made slow here), the worker goes on generating the next ones.
-    import seseme_cli.streaming as streaming
+    import seseme_cli.audio.stream as streaming
 
     produced, decoded = [], []
     generation_codes, decode = tts.generation_codes, streaming.StreamDecoder.decode
@@ -220,7 +220,7 @@ def test_generation_waits_for_the_first_decode_then_overlaps_decoding(tts, monke
 
 
 def test_a_failed_first_decode_releases_the_waiting_worker(tts, monkeypatch):
-    import seseme_cli.streaming as streaming
+    import seseme_cli.audio.stream as streaming
 
     def broken_decode(self, c):
         raise RuntimeError("decode broke")
@@ -336,7 +336,7 @@ def test_stream_on_gpu_equals_generate_and_starts_fast():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_graphed_stream_decode_on_gpu_equals_one_shot_and_captures_once(monkeypatch):
-    from seseme_cli.streaming import GRAPH_MAX_FRAMES, decode_stream
+    from seseme_cli.audio.stream import GRAPH_MAX_FRAMES, decode_stream
 
     captures = []
 

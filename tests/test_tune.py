@@ -10,9 +10,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from seseme_cli import cli, tune, tune_cases, tuning
-from seseme_cli.config import csm_1b
-from seseme_cli.kernels import has_cuda_kernels
+from seseme_cli.cli import main as cli
+
+from seseme_cli.tools import tune
+
+from seseme_cli.tools import tune_cases
+
+from seseme_cli.engine import tuning
+from seseme_cli.model.config import csm_1b
+from seseme_cli.ops.kernels import has_cuda_kernels
 from seseme_cli.ops import attention as A
 from seseme_cli.ops.linear import LinearConfig, _config_error, default_config
 
@@ -310,7 +316,7 @@ def test_report_tables():
 @pytest.mark.cuda
 @pytest.mark.skipif(not has_cuda_kernels(), reason="needs a GPU and the CUDA kernels")
 def test_quick_sweep_on_the_tiny_model(tmp_path, monkeypatch):
-    from seseme_cli.config import tiny
+    from seseme_cli.model.config import tiny
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     results = tune.run(tiny(), [1])

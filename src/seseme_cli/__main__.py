@@ -1,5 +1,5 @@
 """`python -m seseme_cli` = the `seseme` command."""
 
-from .cli import app
+from seseme_cli.cli.main import app
 
 app(prog_name="seseme")

@@ -1,5 +1,5 @@
 """The fast path: CUDA kernels, static memory and whole-frame CUDA graphs (see runner.Engine)."""
 
-from .runner import Engine
+from seseme_cli.engine.runner import Engine
 
 __all__ = ["Engine"]

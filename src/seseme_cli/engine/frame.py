@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from ..config import CsmConfig, TransformerConfig
-from ..ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append
-from ..ops.embedding import embed_codes
-from ..ops.linear import linear, linear_workspace_bytes, swiglu_linear
-from ..ops.rmsnorm import rms_norm
-from ..ops.short_attention import rope_append_attention, short_attention_fits
-from ..ops.sampling import sample_topk_philox
-from ..tuning import tuned_config
-from .pack import EngineWeights, StackWeights
+from seseme_cli.model.config import CsmConfig, TransformerConfig
+from seseme_cli.ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append
+from seseme_cli.ops.embedding import embed_codes
+from seseme_cli.ops.linear import linear, linear_workspace_bytes, swiglu_linear
+from seseme_cli.ops.rmsnorm import rms_norm
+from seseme_cli.ops.short_attention import rope_append_attention, short_attention_fits
+from seseme_cli.ops.sampling import sample_topk_philox
+from seseme_cli.engine.tuning import tuned_config
+from seseme_cli.engine.pack import EngineWeights, StackWeights
 
 # The depth decoder's one-token steps run RoPE + append + attention as one kernel (ops.short_attention's
 # rope_append_attention) where the shape allows; False = the two kernels (for A/B timing).

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..model import CsmModel, Transformer
+from seseme_cli.model.reference import CsmModel, Transformer
 
 
 @dataclass

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import CsmModel
-from ..ops.linear import linear_workspace_bytes
-from ..tuning import tuned_config
-from .frame import StackBuffers, run_stack
-from .pack import StackWeights
+from seseme_cli.model.reference import CsmModel
+from seseme_cli.ops.linear import linear_workspace_bytes
+from seseme_cli.engine.tuning import tuned_config
+from seseme_cli.engine.frame import StackBuffers, run_stack
+from seseme_cli.engine.pack import StackWeights
 
 Tensor = torch.Tensor
 

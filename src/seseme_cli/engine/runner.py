@@ -12,11 +12,11 @@ import logging
 
 import torch
 
-from ..model import CsmModel
-from ..tuning import load_tuning
-from .frame import DepthSchedule, FrameBuffers, run_frame
-from .pack import pack
-from .prefill import Prefill, chunk_rows_for, pack_prompts
+from seseme_cli.model.reference import CsmModel
+from seseme_cli.engine.tuning import load_tuning
+from seseme_cli.engine.frame import DepthSchedule, FrameBuffers, run_frame
+from seseme_cli.engine.pack import pack
+from seseme_cli.engine.prefill import Prefill, chunk_rows_for, pack_prompts
 
 log = logging.getLogger("seseme")
 
@@ -36,7 +36,7 @@ def check_batch_fits(cfg, dtype: torch.dtype, device, batch_size: int, reserve_b
                      free_bytes: int | None = None) -> None:
     """Raise InputError naming the largest batch that fits when `batch_size` does not (free_bytes: the GPU's
     free memory, read from the device when not given)."""
-    from ..errors import InputError
+    from seseme_cli.errors import InputError
 
     free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
     per_row = bytes_per_row(cfg, dtype)

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
+from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
 
 Tensor = torch.Tensor
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
-from .sampling import check_threads
+from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
+from seseme_cli.ops.sampling import check_threads
 
 Tensor = torch.Tensor
 

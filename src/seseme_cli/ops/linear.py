@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
-from .rmsnorm import rms_norm, rms_norm_ref
+from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
+from seseme_cli.ops.rmsnorm import rms_norm, rms_norm_ref
 
 Tensor = torch.Tensor
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
+from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

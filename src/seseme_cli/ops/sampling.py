@@ -9,7 +9,7 @@ at near-ties of the race). Per row r:
                all), and return  argmax over kept i of  l_i / T - log(E_i),  E_i = -log(U_i)
 
 An exponential race (Gumbel-max): index i wins with probability softmax(l / T)_i over the kept set, the same
-distribution as `seseme_cli.sampling.sample_topk` and the original CSM. U_i comes from Philox4x32-10
+distribution as `seseme_cli.model.reference.sample_topk` and the original CSM. U_i comes from Philox4x32-10
 (Random123) with key (seed lo, seed hi) and counter (i // 4, codebook, counter lo, counter hi), output word
 i % 4 mapped to ((u >> 8) + 1) * 2^-24 in (0, 1]. So a draw depends only on its row's logits, settings, seed,
 frame counter and codebook: never on batch position, and the RNG state is two device tensors that the engine
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
+from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
 
 Tensor = torch.Tensor
 

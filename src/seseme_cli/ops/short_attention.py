@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import dtype_code, has_cuda_kernels, kernels_module
-from .attention import (ATTENTION_DTYPES, MAX_ROWS, _call, _check_attention_args, _check_rope_args, _check_threads,
+from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module
+from seseme_cli.ops.attention import (ATTENTION_DTYPES, MAX_ROWS, _call, _check_attention_args, _check_rope_args, _check_threads,
                         decode_attention_ref, rope_append_ref)
 
 Tensor = torch.Tensor

@@ -13,7 +13,7 @@ from types import ModuleType
 import torch
 
 try:
-    from . import _kernels as _module
+    from seseme_cli import _kernels as _module
 except ImportError as exc:  # not built, or built for another Python
     _module = None
     import_error: ImportError | None = exc

@@ -1,16 +1,15 @@
-"""Audio of the scheduler's rows while they generate (`seseme batch`): Mimi in streaming mode with one batch slot
-per engine row, fed every scheduler round, in a worker thread on its own CUDA stream.
+"""Audio of the engine's requests while they generate: Mimi in streaming mode with one batch slot per request
+being decoded, fed every audio round of the engine loop, in a worker thread on its own CUDA stream.
 
 Decoding finished requests afterwards serialises it behind generation: when many requests end together (the
 usual case in a batch of short ones) the GPU sits on the decode alone. Fed round by round, decoding runs beside
 the next frames instead. Mimi is causal, so a row's samples only depend on the frames fed to its slot so far,
 which gives the same samples as a one-shot decode of each request's codes if every slot is fed exactly its
-request's kept frames:
-- a row that starts a new request is reset first (moshi's per-slot reset mask);
-- frames past a row's EOS or limit in a round are fed too when the row is done with its request (its slot is
-  reset before it is used again), but not when the same request goes on with its next long-form chunk on that
-  row: the round is then decoded in segments and those frames run with the row's slot masked (moshi's exec
-  mask leaves a masked slot's state as it was).
+request's frames:
+- a slot that starts a new request is reset first (moshi's per-slot reset mask);
+- a round holds a different number of frames per slot (`kept`); past its kept frames a slot whose request goes
+  on is masked (the round is decoded in segments; moshi's exec mask leaves a masked slot's state as it was), and a
+  slot whose request ended is fed padding (it is reset before it is used again).
 
 The decoder is a copy of the codec's model that shares its weights (its streaming state must not collide with
 the codec's other users: context encoding, `say --stream`).
@@ -26,46 +25,55 @@ import threading
 import numpy as np
 import torch
 
-from .audio_io import pcm16_on_device
+from seseme_cli.audio.files import pcm16_on_device
 
 ROW_FRAMES_PER_CALL = 2048  # slots x frames per Mimi call (activation memory: ~2.4 MB each on the H100, ~5 GB)
 
 
 class RowAudio:
-    """`round(...)` for each scheduler round, `finish(work)` when a request is complete (its audio goes to
-    `on_audio(work, pieces, special)`: its samples as a list of 1-D float32 numpy arrays, in order (int16 ones as
-    audio_io.pcm16 makes them with pcm16=True: converted on the device for all rows at once, half the bytes to
-    copy, and nothing left for a WAV writer to convert), and how many special ids were decoded as code 0),
-    `discard(work)` for a request that failed, and `close()` at the end. Calls return at once; the work runs in
-    order in a thread. An error in the thread is raised by the next call."""
+    """`round(...)` for each audio round, `end(work, callback)` after a request's last round (the callback gets
+    how many special ids were decoded as code 0, in this thread, after every piece of the request was
+    delivered), and `close()` at the end. Each round's samples go to `on_piece(work, samples)`: 1-D float32
+    numpy, or int16 with pcm16=True (converted on the device for all slots at once: half the bytes to copy, and
+    nothing left for a WAV or PCM writer to convert). Calls return at once; the work runs in order in a thread.
+    An error in the thread is raised by the next call."""
 
-    def __init__(self, codec, slots: int, on_audio, row_frames_per_call: int = ROW_FRAMES_PER_CALL,
+    def __init__(self, codec, slots: int, on_piece, row_frames_per_call: int = ROW_FRAMES_PER_CALL,
                  pcm16: bool = False):
-        self.codec, self.slots, self.on_audio, self.pcm16 = codec, slots, on_audio, pcm16
+        self.codec, self.slots, self.on_piece, self.pcm16 = codec, slots, on_piece, pcm16
         self.frames_per_call = max(1, row_frames_per_call // slots)
         self.items: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self.pieces: dict[int, list[np.ndarray]] = {}  # id(work) -> audio so far (the thread's)
-        self.special: dict[int, int] = {}
+        self.special: dict[int, int] = {}  # id(work) -> special ids so far (the thread's)
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="seseme-row-audio", daemon=True)
         self.thread.start()
         self._ready.wait()
         self._raise()
 
-    # --- the scheduler's side ----------------------------------------------------------------------------------
+    # --- the engine loop's side --------------------------------------------------------------------------------
 
     def round(self, frames: np.ndarray, rows, fresh) -> None:
-        """frames (k, n, K): the round's codes for rows 0..n-1; rows: [(row, work, kept, goes_on)] for the busy
-        rows (the first `kept` frames are the work's; goes_on: the same work generates on in this row); fresh: rows
-        whose work started with this round."""
+        """frames (k, n, K): the round's codes for slots 0..n-1; rows: [(slot, work, kept, goes_on)] for the slots
+        that have frames (the first `kept` are the work's; goes_on: the work has more frames to come); fresh: slots
+        whose work starts with this round."""
         self._put(("round", frames, list(rows), set(fresh)))
 
-    def finish(self, work) -> None:
-        self._put(("finish", work))
+    def end(self, work, callback) -> None:
+        self._put(("end", work, callback))
 
-    def discard(self, work) -> None:
-        self._put(("discard", work))
+    def sync(self) -> None:
+        """Wait until everything queued so far is done (every callback called)."""
+        done = threading.Event()
+        self._put(("end", None, lambda _: done.set()))
+        while not done.wait(0.1):
+            self._raise()
+        self._raise()
+
+    @property
+    def backlog(self) -> int:
+        """Rounds queued and not decoded yet."""
+        return self.items.qsize()
 
     def close(self) -> None:
         self.items.put(None)
@@ -89,21 +97,15 @@ class RowAudio:
                 while (item := self.items.get()) is not None:
                     if item[0] == "round":
                         self._round(decode, *item[1:])
-                    elif item[0] == "finish":
-                        work = item[1]
-                        # The pieces as they are: joining them is the writer's (a fresh buffer per request costs
-                        # its page faults, and this thread would hand hundreds over at once).
-                        self.on_audio(work, self.pieces.pop(id(work), []), self.special.pop(id(work), 0))
                     else:
-                        self.pieces.pop(id(item[1]), None)
-                        self.special.pop(id(item[1]), None)
-        except BaseException as e:  # a bug or out of memory: surfaced by the scheduler's next call
+                        _, work, callback = item
+                        callback(self.special.pop(id(work), 0))
+        except BaseException as e:  # a bug or out of memory: surfaced by the engine loop's next call
             self.error = e
             self._ready.set()
             with contextlib.suppress(queue.Empty):  # let close() find its end marker
                 while self.items.get_nowait() is not None:
                     pass
-
     @contextlib.contextmanager
     def _decoder(self):
         """A function decode(codes (slots, K, f) long on the device, reset (slots,) bool or None, run (slots,) bool
@@ -183,7 +185,7 @@ class RowAudio:
         audio = audio.cpu().numpy()
         for row, work, kept, _ in rows:
             if kept:  # a copy: a view would keep the whole round's audio alive as long as any of its requests
-                self.pieces.setdefault(id(work), []).append(audio[row, : kept * size].copy())
+                self.on_piece(work, audio[row, : kept * size].copy())
 
 
 def _sharing_weights(model):

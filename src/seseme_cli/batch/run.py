@@ -1,7 +1,7 @@
-"""Generation for `seseme batch`: the scheduler on the engine's rows, Mimi decoding the rows as they generate
-(row_audio.RowAudio, in its own thread), and a small pool of threads that creates each request's temp file as it
-starts and, once it is finished, writes the file atomically and appends its manifest record. The frame loop never
-waits for decoding, file creation or encoding.
+"""Generation for `seseme batch`: the engine loop (engine.loop.SpeechEngine) fed from the file's requests, Mimi
+decoding each request while it generates (in the engine's audio thread), and a small pool of threads that creates
+each request's temp file as it is queued and, once it is finished, writes the file atomically and appends its
+manifest record. The frame loop never waits for decoding, file creation or encoding.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import audio_io
-from .batch import Manifest, Request
-from .errors import SesemeError
-from .longform import CHUNK_MS, Turn
-from .row_audio import RowAudio
-from .scheduler import Scheduler, Stats, Work
+from seseme_cli.audio import files as audio_io
+from seseme_cli.batch.manifest import Manifest, Request
+from seseme_cli.engine.handle import FINISHED
+from seseme_cli.engine.loop import Stats
+from seseme_cli.errors import SesemeError
+from seseme_cli.speech.request import Turn
 
 RESERVE_BYTES = 8 << 30  # GPU memory left for Mimi (~5 GB per decode call), context encoding and the allocator
 MAX_AUTO_BATCH = 512
@@ -56,24 +56,13 @@ def pick_batch_size(tts, requested: int | None, todo: int) -> int:
         return max(1, min(requested, todo))
     if tts.device.type != "cuda":
         return max(1, min(4, todo))
-    from .engine.runner import bytes_per_row
+    from seseme_cli.engine.runner import bytes_per_row
 
     free, _ = torch.cuda.mem_get_info(tts.device)
     fits = int((free - RESERVE_BYTES) // (bytes_per_row(tts.config, tts.dtype) + ROW_AUDIO_SLOT_BYTES))
     if fits < 1:
         raise SesemeError(f"not enough free GPU memory for one batch row ({free / 1e9:.1f} GB free)")
     return max(1, min(fits, MAX_AUTO_BATCH, todo))
-
-
-def make_engine(tts, batch_size: int):
-    """The GPU engine with CUDA graphs when the kernels run here; else the same frame program eagerly on the
-    ops' PyTorch references (CPU, or a GPU without the kernels)."""
-    if tts.uses_engine:
-        tts.setup_caches(batch_size)
-        return tts.engine
-    from .engine import Engine
-
-    return Engine(tts.model, batch_size, use_graphs=False)
 
 
 # --- context audio: read and encoded once per file ---------------------------------------------------------------
@@ -185,12 +174,11 @@ def all_wav(requests: list[Request]) -> bool:
 @dataclass
 class BatchSettings:
     batch_size: int | None = None
-    chunk_ms: float = CHUNK_MS
 
 
 class BatchRun:
     """Generate `requests` (all runnable, outputs not yet there) with `tts`, recording into `manifest`.
-    `progress(tally, stats)` is called after every scheduler round and every finished request."""
+    `progress(tally, stats)` is called after every engine step (at most every 0.1 s) and every finished request."""
 
     def __init__(self, tts, manifest: Manifest, settings: BatchSettings, progress=None):
         self.tts, self.manifest, self.settings = tts, manifest, settings
@@ -211,48 +199,63 @@ class BatchRun:
                 self.tally.audio_s += duration
         self.progress(self.tally, self.stats)
 
-    def _works(self, requests: list[Request], writer: Writer):
-        """The scheduler pulls these as rows free up: each request's output file is prepared as it starts."""
-        for req in requests:
-            try:
-                context = [self.contexts.turn(c) for c in req.context]
-                job = self.tts.speech_job(req.text, req.speaker, context, req.max_audio_ms, req.temperature,
-                                          req.topk, req.seed, self.settings.chunk_ms)
-            except SesemeError as e:
-                self.record(req, None, " ".join(str(e).split()))
-                continue
-            writer.prepare(req)
-            yield Work(req, job, req.temperature, req.topk)
+    def _on_event(self, req: Request, writer: "Writer"):
+        """The handle's events (from the engine's threads): at its end, write the audio or record the failure."""
+        def on_event(event) -> None:
+            kind, status = event
+            if kind != "end":
+                return
+            handle = self.handles.pop(id(req))
+            if status == FINISHED:
+                if handle.truncated:
+                    with self.tally.lock:
+                        self.tally.truncated += 1
+                writer.submit(req, handle.pieces, handle.special)
+            else:
+                writer.discard(req)
+                self.record(req, None, handle.error or status)
+
+        return on_event
+
+    def _add(self, engine, req: Request, writer: "Writer") -> None:
+        """Queue one request: its context files are read and encoded once per file (ContextCache)."""
+        from dataclasses import replace
+
+        try:
+            speech = replace(req.speech, context=tuple(self.contexts.turn(c) for c in req.context))
+        except SesemeError as e:
+            self.record(req, None, " ".join(str(e).split()))
+            return
+        writer.prepare(req)
+        self.handles[id(req)] = engine.add_request(speech, request_id=req.name, on_event=self._on_event(req, writer))
 
     def run(self, requests: list[Request]) -> Tally:
         self.tally.total = len(requests)
         started = time.perf_counter()
         batch_size = pick_batch_size(self.tts, self.settings.batch_size, len(requests))
-        engine = make_engine(self.tts, batch_size)
+        engine = self.tts.speech_engine(batch_size, pcm16=all_wav(requests))
         writer = Writer(self.tts, self.tally, self.record, writer_threads(requests))
-        audio = RowAudio(self.tts.codec, batch_size, lambda work, samples, special: writer.submit(
-            work.key, samples, special), pcm16=all_wav(requests))
-        scheduler = Scheduler(engine, audio=audio)
-        self.stats = scheduler.stats
-        self.tally.setup_s = scheduler.stats.started - started
-
-        def finished(work: Work) -> None:
-            if work.job.truncated:
-                with self.tally.lock:
-                    self.tally.truncated += 1
-            audio.finish(work)
-
-        def failed(work: Work, error: Exception) -> None:
-            audio.discard(work)
-            writer.discard(work.key)
-            self.record(work.key, None, " ".join(str(error).split()))
-
+        self.handles: dict[int, object] = {}
+        self.stats = engine.stats
+        self.stats.started = time.perf_counter()
+        self.tally.setup_s = self.stats.started - started
+        source = iter(requests)
+        reported = 0.0
         try:
-            scheduler.run(self._works(requests, writer), finished, failed,
-                          lambda stats: self.progress(self.tally, stats))
+            while True:
+                # Keep a batch's worth waiting: a row that frees takes the next request in the same step.
+                while engine.queue_depth < batch_size and (req := next(source, None)) is not None:
+                    self._add(engine, req, writer)
+                if not engine.has_work():  # the source is exhausted too: the top-up above took what was left
+                    break
+                engine.step()
+                if time.perf_counter() - reported > 0.1:
+                    self.progress(self.tally, self.stats)
+                    reported = time.perf_counter()
+            engine.drain()
         finally:
             try:
-                audio.close()
+                engine.close()
             finally:
                 writer.close()
         self.tally.batch_size = batch_size

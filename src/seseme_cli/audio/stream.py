@@ -19,11 +19,6 @@ happens in the caller's thread when the codec's first StreamDecoder is entered, 
 never races the generation thread (`decode_codes`, for whole sequences, never captures). On a CPU,
 if capture fails, and for chunks over GRAPH_MAX_FRAMES (long pieces), decoding is eager, one call per chunk, on
 the same state.
-
-`stream_audio` runs generation in a worker thread and decodes in the caller's thread: while the worker waits
-for the GPU at a chunk's end, the caller decodes the previous chunk, and the frame loop never waits for Mimi.
-Decoding runs on a high-priority stream, and the worker waits while the first chunk is decoded (see
-`stream_audio`).
 """
 
 from __future__ import annotations
@@ -31,16 +26,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import torch
 
-from .audio_io import _SUBTYPES, _format_for, _umask, pcm16, wav_header
-from .errors import InputError, SesemeError
+from seseme_cli.audio.files import _SUBTYPES, _format_for, _umask, pcm16, wav_header
+from seseme_cli.errors import InputError, SesemeError
 
 log = logging.getLogger("seseme")
 
@@ -219,75 +212,6 @@ def decode_codes(codec, codes: torch.Tensor, piece_frames: int = PIECE_FRAMES) -
         audio = torch.cat([dec.decode(codes[i : i + piece_frames]) for i in range(0, codes.shape[0], piece_frames)])
     warn_special(dec.special)
     return audio
-
-
-# --- generation in a worker thread, decoding in the caller's ------------------------------------------------
-
-_DONE = object()
-
-
-def _produce(chunks, out: queue.Queue, stop: threading.Event, device: torch.device,
-             first_done: threading.Event | None) -> None:
-    try:
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            for i, codes in enumerate(chunks):
-                if stop.is_set():
-                    break
-                out.put(codes)
-                if i == 0 and first_done is not None:
-                    first_done.wait()
-        out.put(_DONE)
-    except BaseException as e:  # handed to the consumer, which raises it
-        out.put(e)
-    finally:
-        chunks.close()
-
-
-def in_background(chunks, device: torch.device, first_done: threading.Event | None = None):
-    """Iterate the generator `chunks` in a worker thread; yield its items here. Exceptions are re-raised
-    here; closing this generator stops the worker after its current item. With `first_done`, the worker
-    pauses after the first item until the consumer sets that event (closing sets it too)."""
-    items: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    worker = threading.Thread(target=_produce, args=(chunks, items, stop, device, first_done), name="seseme-generate",
-                              daemon=True)
-    worker.start()
-    try:
-        while (item := items.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        if first_done is not None:
-            first_done.set()
-        worker.join()
-
-
-def stream_audio(tts, code_chunks):
-    """Decode code chunks (from `tts.job_codes`) into audio chunks as they come, generating in the background."""
-    # The first chunk decides the time to first audio. If the worker went on generating meanwhile, every frame
-    # would hold the GIL for its graph launch (~1.2 ms) and queue GPU work ahead of the decode, so the first
-    # decode would wait on both. So generation pauses until the first chunk is decoded: the next chunk comes
-    # later by one frame's graphed decode (~1 ms), while the first one plays for 80 ms. From the second chunk
-    # on, decoding and generation overlap.
-    first_done = threading.Event()
-    with StreamDecoder(tts.codec) as decoder:  # entered first: a graph capture happens before the worker starts
-        chunks = in_background(code_chunks, tts.device, first_done)
-        with contextlib.closing(chunks):  # stops the worker before the decoder closes
-            for codes in chunks:
-                audio = decoder.decode(codes)
-                first_done.set()
-                yield audio
-    warn_special(decoder.special)
-
-
-def stream_generation(tts, gen, temperature: float = 0.9, topk: int = 50, first_chunk_frames: int = 1,
-                      chunk_frames: int = 8):
-    """Audio chunks of one prebuilt generation (a `longform.Generation`: prompt, frame limit, seed), e.g. a
-    benchmark's exact prompt: time to first audio = time to the first chunk. Close it to stop early."""
-    tts._ensure_caches()
-    return stream_audio(tts, tts.generation_codes(gen, temperature, topk, chunk_frames, first_chunk_frames))
 
 
 # --- sinks: audio written while it grows ----------------------------------------------------------------------

@@ -11,10 +11,10 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .batch import Manifest, Request, read_requests, plan_outputs, stale_temp_files
-from .batch_run import BatchRun, BatchSettings, Tally
-from .errors import InputError
-from .generator import FRAME_MS
+from seseme_cli.batch.manifest import Manifest, Request, read_requests, plan_outputs, stale_temp_files
+from seseme_cli.batch.run import BatchRun, BatchSettings, Tally
+from seseme_cli.errors import InputError
+from seseme_cli.speech.request import FRAME_MS
 
 MAX_FAILURES_SHOWN = 20
 
@@ -41,10 +41,10 @@ def _out_dir(input: Path, out_dir: Path | None) -> Path:
     return folder
 
 
-def plan(input: Path, out_dir: Path | None, fmt: str) -> Plan:
+def plan(input: Path, out_dir: Path | None, fmt: str, chunk_ms: float | None = None) -> Plan:
     if not input.is_file():
         raise InputError(f"cannot read {input}: {'it is a directory' if input.is_dir() else 'no such file'}")
-    requests = read_requests(input)
+    requests = read_requests(input, chunk_ms)
     folder = _out_dir(input, out_dir)
     plan_outputs(requests, folder, fmt)
     bad = [r for r in requests if r.error]
@@ -134,14 +134,14 @@ def _failures(plan: Plan, tally: Tally | None, out_console) -> int:
     return len(failures)
 
 
-def run(plan: Plan, tts, batch_size: int | None, chunk_ms: float, out_console, err_console) -> int:
+def run(plan: Plan, tts, batch_size: int | None, out_console, err_console) -> int:
     """Generate the plan's requests; print the summary; return how many requests failed."""
     manifest = Manifest(plan.manifest_path, plan.out_dir)
     tally, wall, frames = None, 0.0, 0
     try:
         _record_before_run(plan, manifest)
         if plan.todo:
-            tally, wall, frames = _generate(plan, tts, manifest, BatchSettings(batch_size, chunk_ms), err_console)
+            tally, wall, frames = _generate(plan, tts, manifest, BatchSettings(batch_size), err_console)
     finally:
         manifest.close()
     if tally and tally.truncated:

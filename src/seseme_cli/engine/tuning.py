@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from .kernels import kernels_module
-from .ops import attention as A
-from .ops.linear import LinearConfig, _as_config, _config_error
-from .ops.sampling import MAX_THREADS as SAMPLE_MAX_THREADS
-from .ops.short_attention import SHORT_MAX_THREADS
+from seseme_cli.ops.kernels import kernels_module
+from seseme_cli.ops import attention as A
+from seseme_cli.ops.linear import LinearConfig, _as_config, _config_error
+from seseme_cli.ops.sampling import MAX_THREADS as SAMPLE_MAX_THREADS
+from seseme_cli.ops.short_attention import SHORT_MAX_THREADS
 
 log = logging.getLogger("seseme")
 

@@ -23,11 +23,13 @@ import torch
 import typer
 from rich.console import Console
 
-from . import audio_io, streaming
-from .checkpoints import DEFAULT_MODEL
-from .errors import InputError, SesemeError
-from .generator import FRAME_MS, Segment, load_csm_1b_optimized
-from .longform import CHUNK_MS
+from seseme_cli.audio import files as audio_io
+
+from seseme_cli.audio import stream as streaming
+from seseme_cli.model.checkpoints import DEFAULT_MODEL
+from seseme_cli.errors import InputError, SesemeError
+from seseme_cli.api import FRAME_MS, Segment, load_csm_1b_optimized
+from seseme_cli.speech.request import DEFAULT_CHUNK_MS as CHUNK_MS, SpeechRequest
 
 # Mimi's rate; context audio is read at it before the model (and so its codec) is loaded.
 SAMPLE_RATE = 24_000
@@ -124,17 +126,6 @@ def load_context(values: list[str]) -> list[Segment]:
     return segments
 
 
-def check_settings(speaker: int, temperature: float, topk: int, max_audio_ms: float) -> None:
-    if speaker < 0:
-        raise InputError(f"--speaker must be >= 0, got {speaker}")
-    if not temperature >= 0:  # also rejects NaN
-        raise InputError(f"--temperature must be >= 0, got {temperature}")
-    if topk < 1:
-        raise InputError(f"--topk must be at least 1, got {topk}")
-    if not (max_audio_ms > 0 and math.isfinite(max_audio_ms)):
-        raise InputError(f"--max-audio-ms must be a positive number, got {max_audio_ms}")
-
-
 def check_codes_path(path: Path) -> None:
     if path.suffix.lower() != ".npy":
         raise InputError(f"--codes {path}: the file name must end in .npy")
@@ -207,18 +198,13 @@ def load_model(model: str, device_name: str):
     return tts
 
 
-def check_chunk_ms(chunk_ms: float) -> None:
-    if not (chunk_ms >= 2 * FRAME_MS and math.isfinite(chunk_ms)):
-        raise InputError(f"--chunk-ms must be at least {2 * FRAME_MS}, got {chunk_ms}")
-
-
-def _say_stream(tts, output: Path, codes_path: Path | None, args: tuple):
+def _say_stream(tts, output: Path, codes_path: Path | None, request):
     """Write the audio while it is generated: into a temp file renamed at the end, or as a WAV stream on
     stdout. Returns (codes, audio seconds, seconds to the first audio)."""
     started, first = time.perf_counter(), None
     sink = streaming.open_sink(output, SAMPLE_RATE)
     try:
-        with err.status("generating...") as status, contextlib.closing(tts.stream(*args)) as chunks:
+        with err.status("generating...") as status, contextlib.closing(tts.stream_request(request)) as chunks:
             for chunk in chunks:
                 first = first if first is not None else time.perf_counter() - started
                 sink.write(chunk)
@@ -260,27 +246,26 @@ def say(
     report = err if to_stdout else out  # with -o -, standard output carries the audio only
     with user_errors():
         words = read_text(text, file)
-        check_settings(speaker, temperature, topk, max_audio_ms)
-        check_chunk_ms(chunk_ms)
+        SpeechRequest.make(words, speaker, (), max_audio_ms, temperature, topk, seed, chunk_ms)  # checks, before any file
         if not to_stdout:
             audio_io.check_output_path(output)
         if codes is not None:
             check_codes_path(codes)
         device_name = pick_device(device)
         segments = load_context(context or [])
+        request = SpeechRequest.make(words, speaker, segments, max_audio_ms, temperature, topk, seed, chunk_ms)
         tts = load_model(model, device_name)
 
         started, first = time.perf_counter(), None
-        args = (words, speaker, segments, max_audio_ms, temperature, topk, seed, chunk_ms)
         if stream or to_stdout:
-            frames, seconds, first = _say_stream(tts, output, codes, args)
+            frames, seconds, first = _say_stream(tts, output, codes, request)
         else:
             doing = f"encoding {len(segments)} context clip(s) and generating..." if segments else "generating..."
             with err.status(doing):
-                frames = tts.generate_codes(*args)
-                audio = tts.decode(frames)
+                handle = tts.run(request)
+            frames, audio = handle.codes, handle.audio()
             write_outputs(output, lambda: audio_io.write_audio(output, audio, SAMPLE_RATE), frames, codes)
-            seconds = audio.numel() / SAMPLE_RATE
+            seconds = len(audio) / SAMPLE_RATE
         wall = time.perf_counter() - started
 
     if frames.shape[0] == 0:
@@ -316,15 +301,15 @@ def batch(
     device: Annotated[Optional[Device], typer.Option(help="Where to run (default: cuda when available).")] = None,
 ) -> None:
     """Generate many requests from a JSONL file with continuous batching; skips outputs that already exist."""
-    from . import batch_cli
+    from seseme_cli.cli import batch as batch_cli
 
     with user_errors():
         if batch_size is not None and batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-        check_chunk_ms(chunk_ms)
-        plan = batch_cli.plan(input, out_dir, format.value)
+        SpeechRequest.make("-", chunk_ms=chunk_ms)  # checks --chunk-ms before the file is read
+        plan = batch_cli.plan(input, out_dir, format.value, chunk_ms)
         tts = load_model(model, pick_device(device)) if plan.todo else None
-        failed = batch_cli.run(plan, tts, batch_size, chunk_ms, out, err)
+        failed = batch_cli.run(plan, tts, batch_size, out, err)
     if failed:
         raise typer.Exit(1)
 
@@ -338,9 +323,9 @@ def tune(
 ) -> None:
     """Autotune the kernels' launch parameters for this GPU at the model's shapes; the engine uses the result."""
     with user_errors():
-        from . import tune as t
-        from . import tuning
-        from .checkpoints import load_checkpoint
+        from seseme_cli.tools import tune as t
+        from seseme_cli.engine import tuning
+        from seseme_cli.model.checkpoints import load_checkpoint
 
         sizes = [1] if quick else _parse_batch_sizes(batch_sizes)
         if json_path is not None and not json_path.parent.is_dir():
@@ -376,7 +361,7 @@ def bench(
 ) -> None:
     """Measure generation speed: ms per frame, real-time factor, time to first frame, bandwidth, memory."""
     with user_errors():
-        from . import bench as b
+        from seseme_cli.tools import bench as b
 
         sizes = _parse_batch_sizes(batch_sizes)
         if frames < 1 or baseline_frames < 1:
@@ -387,7 +372,7 @@ def bench(
             if path is not None and not path.parent.is_dir():
                 raise InputError(f"cannot write {path}: {path.parent} is not a directory")
         tts = load_model(model, "cuda")
-        if tts.engine is None and not tts.uses_engine:
+        if tts.engine is None and not tts.uses_graphs:
             err.print("warning: no CUDA kernels: timing the reference path", style="yellow", markup=False)
         copy = b.copy_bandwidth_gb_s(tts.device)
         results = []
@@ -400,7 +385,7 @@ def bench(
             with err.status(f"timing batch {size}"):
                 results.append(b.bench_engine(tts, size, frames))
         _print_bench(results, copy, tts)
-        from .tuning import load_tuning
+        from seseme_cli.engine.tuning import load_tuning
 
         tuning = load_tuning(tts.device)  # what the engine ran with (read once per process)
         info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": tts.description,

@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .checkpoints import _HF_LAYER, _HF_TOP
-from .generator import CSM, FRAME_MS, generate_frames
+from seseme_cli.model.checkpoints import _HF_LAYER, _HF_TOP
+from seseme_cli.api import CSM, FRAME_MS
+from seseme_cli.model.reference import generate_frames
+from seseme_cli.speech.request import SpeechRequest
 
 PROMPT = ("The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet forest "
           "where nobody can find it until the morning comes and the birds start singing again.")
@@ -40,13 +42,22 @@ class Result:
         return self.batch * FRAME_MS / self.ms_per_frame
 
 
+def bench_text(tts: CSM, n_tokens: int = PROMPT_TOKENS) -> str:
+    """The longest start of PROMPT (whole words) whose prompt is at most `n_tokens` text tokens (<bos> ... <eos>
+    included), whatever the tokenizer: the same text is timed by the frame engine and through the engine loop."""
+    words = PROMPT.split()
+    text = words[0]
+    for word in words[1:]:
+        longer = f"{text} {word}"
+        if tts.build_prompt(longer, 0)[0].shape[0] > n_tokens:
+            break
+        text = longer
+    return text
+
+
 def bench_prompt(tts: CSM, n_tokens: int = PROMPT_TOKENS):
-    """Prompt frames of exactly `n_tokens` text tokens (<bos> ... <eos> included), whatever the tokenizer."""
-    tokens, mask = tts.build_prompt(PROMPT, 0)
-    if tokens.shape[0] < n_tokens:
-        raise ValueError(f"the bench text is only {tokens.shape[0]} tokens long")
-    keep = torch.cat([tokens[: n_tokens - 1], tokens[-1:]])  # cut the middle, keep <eos>
-    return keep, mask[:n_tokens]
+    """Prompt frames (tokens, mask) of `bench_text`."""
+    return tts.build_prompt(bench_text(tts, n_tokens), 0)
 
 
 def copy_bandwidth_gb_s(device, size_mb: int = 1024, repeats: int = 20) -> float:
@@ -96,17 +107,16 @@ def _event_times(step, frames: int) -> list[float]:
     return [s.elapsed_time(e) for s, e in times]
 
 
-def time_to_first_audio(tts: CSM, tokens, mask, seed: int, rounds: int = 6) -> float:
-    """Streaming: from the call to the first decoded audio chunk (prefill, one frame, its Mimi decode), warm:
-    the median of rounds 2.. (the first loads kernels)."""
-    from .longform import Generation
-    from .streaming import stream_generation
-
+def time_to_first_audio(tts: CSM, seed: int, rounds: int = 6) -> float:
+    """Streaming through the engine loop (`tts.stream_request`, what `say --stream` runs): from the call to the
+    first decoded audio chunk (queueing, prefill, one frame, its Mimi decode), warm: the median of rounds 2..
+    (the first loads kernels)."""
+    request = SpeechRequest.make(bench_text(tts), max_audio_ms=50 * FRAME_MS, seed=seed)
     times = []
     for _ in range(rounds):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        stream = stream_generation(tts, Generation(tokens, mask, 50, seed), first_chunk_frames=1)
+        stream = tts.stream_request(request, first_chunk_frames=1)
         next(stream)
         times.append((time.perf_counter() - start) * 1e3)
         stream.close()
@@ -131,7 +141,7 @@ def bench_engine(tts: CSM, batch: int, frames: int, warmup: int = 10, seed: int 
         ttffs.append((time.perf_counter() - start) * 1e3)
     ttff = statistics.median(ttffs[1:])
 
-    ttfa = time_to_first_audio(tts, tokens, mask, seed) if batch == 1 else None
+    ttfa = time_to_first_audio(tts, seed) if batch == 1 else None
 
     for row in range(batch):
         engine.set_row(row, tokens, mask, 0.9, 50, seed + row)

@@ -1,6 +1,6 @@
 """Audio files in and out: any rate / channel count in, mono float at the model rate; atomic writes out.
 
-Reading goes through soundfile because torchaudio 2.9 needs TorchCodec to read files. Every problem a user
+Reading goes through soundfile, resampling through soxr (no ABI tie to a torch build). Every problem a user
 can cause (missing file, bad format, unwritable directory) becomes one InputError line naming the path.
 """
 
@@ -15,9 +15,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio.functional as AF
+import soxr
 
 from seseme_cli.errors import InputError
+
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000
+MAX_CONTEXT_SECONDS = 600  # context audio beyond the 2048-frame window (164 s) is useless anyway
 
 SUPPORTED_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
 _SUBTYPES = {"WAV": "PCM_16", "FLAC": "PCM_16", "OGG": "VORBIS"}
@@ -46,6 +49,19 @@ def load_audio(path, target_sample_rate: int = 24000) -> torch.Tensor:
     if path.is_dir():
         raise InputError(f"cannot read audio {path}: it is a directory")
     try:
+        info = sf.info(str(path))
+    except sf.LibsndfileError as e:  # error_string is libsndfile's reason without the repeated path
+        raise InputError(f"cannot read audio {path}: {e.error_string.rstrip('.')}") from None
+    except (OSError, RuntimeError) as e:
+        raise InputError(f"cannot read audio {path}: {e}") from None
+    # A header can claim any rate; resampling 2^31 Hz to 24 kHz would allocate gigabytes for nothing.
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
+        raise InputError(f"cannot read audio {path}: sample rate {info.samplerate} Hz is outside "
+                         f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+    if info.frames > info.samplerate * MAX_CONTEXT_SECONDS:
+        raise InputError(f"cannot read audio {path}: {info.frames / info.samplerate:.0f} s is longer than "
+                         f"{MAX_CONTEXT_SECONDS} s")
+    try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (frames, channels)
     except sf.LibsndfileError as e:  # error_string is libsndfile's reason without the repeated path
         raise InputError(f"cannot read audio {path}: {e.error_string.rstrip('.')}") from None
@@ -53,10 +69,10 @@ def load_audio(path, target_sample_rate: int = 24000) -> torch.Tensor:
         raise InputError(f"cannot read audio {path}: {e}") from None
     if data.shape[0] == 0:
         raise InputError(f"cannot read audio {path}: the file holds no samples")
-    audio = torch.from_numpy(data).mean(dim=1)
+    mono = data.mean(axis=1)
     if rate != target_sample_rate:
-        audio = AF.resample(audio, rate, target_sample_rate)
-    return audio.contiguous()
+        mono = soxr.resample(mono, rate, target_sample_rate, quality="HQ")
+    return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
 
 
 def check_output_path(path) -> None:

@@ -9,23 +9,27 @@ Checkpoints are never executed: safetensors, or torch.load(weights_only=True).
 
 from __future__ import annotations
 
-import json
+import pickle
 import re
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import config as cfgs
-from .errors import InputError, SesemeError, WeightsNotFound
-from .tokenizer import ByteTokenizer, HFTokenizer, has_tokenizer_files
+from seseme_cli.model import config as cfgs
+from seseme_cli.errors import InputError, SesemeError, WeightsNotFound
+from seseme_cli.model.reference import CsmModel
+from seseme_cli.model.tokenizer import ByteTokenizer, HFTokenizer, has_tokenizer_files
 
 DEFAULT_MODEL = "sesame/csm-1b"
 RANDOM_MODELS = ("random", "tiny-random")
 # Original-format checkpoints need moshi's Mimi weights and the Llama-3.2 tokenizer from the HF hub.
 MIMI_REPO, MIMI_FILE = "kyutai/moshiko-pytorch-bf16", "tokenizer-e351c8d8-checkpoint125.safetensors"
 LLAMA_TOKENIZER_REPO = "meta-llama/Llama-3.2-1B"
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -86,7 +90,7 @@ def rename_transformers(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch
         else:
             unknown.append(name)
     if unknown:
-        raise SesemeError(f"unexpected tensors in the checkpoint: {', '.join(unknown[:5])}")
+        raise SesemeError(f"unexpected tensors {', '.join(unknown[:5])}")
     # tie_codebooks_embeddings: a checkpoint may store the shared audio table once, under either name.
     for name, twin in (("audio_embed.weight", "depth_audio_embed.weight"), ("depth_audio_embed.weight", "audio_embed.weight")):
         if name not in weights and twin in weights:
@@ -100,6 +104,14 @@ def interleaved_to_halves(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     rows, cols = w.shape
     head_dim = rows // num_heads
     return w.view(num_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _permute_if_fits(w: torch.Tensor, tcfg: cfgs.TransformerConfig, num_heads: int) -> torch.Tensor:
+    # A wrongly shaped q/k is left as stored: check_weights then names it and its shape, where the
+    # permutation would fail with a bare view error.
+    if w.dim() != 2 or w.shape != (num_heads * tcfg.head_dim, tcfg.dim):
+        return w
+    return interleaved_to_halves(w, num_heads)
 
 
 def rename_original(state: dict[str, torch.Tensor], config: cfgs.CsmConfig) -> dict[str, torch.Tensor]:
@@ -118,20 +130,56 @@ def rename_original(state: dict[str, torch.Tensor], config: cfgs.CsmConfig) -> d
             continue
         part, tcfg = ("backbone", config.backbone) if m.group(1) == "backbone" else ("depth", config.depth)
         target = _TT_LAYER[m.group(3)]
-        if target == "attn.q_proj":
-            tensor = interleaved_to_halves(tensor, tcfg.num_heads)
-        elif target == "attn.k_proj":
-            tensor = interleaved_to_halves(tensor, tcfg.num_kv_heads)
+        if target in ("attn.q_proj", "attn.k_proj"):
+            tensor = _permute_if_fits(tensor, tcfg, tcfg.num_heads if target == "attn.q_proj" else tcfg.num_kv_heads)
         suffix = "" if target.endswith(".weight") else ".weight"
         weights[f"{part}.layers.{m.group(2)}.{target}{suffix}"] = tensor
     if unknown:
-        raise SesemeError(f"unexpected tensors in the original-format checkpoint: {', '.join(unknown[:5])}")
+        raise SesemeError(f"unexpected tensors {', '.join(unknown[:5])} (not CSM's original format)")
     if "audio_embed.weight" in weights:  # the original decoder embeds codes with the backbone's table
         weights["depth_audio_embed.weight"] = weights["audio_embed.weight"]
     return weights
 
 
+def check_weights(weights: dict[str, torch.Tensor], config: cfgs.CsmConfig) -> None:
+    """Raise SesemeError naming the first few missing, unexpected and wrongly shaped tensors (seseme names).
+
+    Checked here, where the file's name is known, rather than left to load_state_dict: its size-mismatch
+    error is a page-long RuntimeError that names no file."""
+    with torch.device("meta"):  # shapes only: no memory and no time, even at CSM-1B's size
+        expected = {name: tuple(p.shape) for name, p in CsmModel(config).state_dict().items()}
+    problems = [f"{name} has shape {tuple(w.shape)}, expected {expected[name]}"
+                for name, w in weights.items() if name in expected and tuple(w.shape) != expected[name]]
+    problems += [f"{name} is missing" for name in expected if name not in weights]
+    problems += [f"{name} is not used by the model" for name in weights if name not in expected]
+    if problems:
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise SesemeError(f"the checkpoint does not fit the model: {'; '.join(problems[:4])}{more}")
+
+
 # --- readers --------------------------------------------------------------------------------------------
+# Each reader turns whatever a bad file causes into one InputError line naming the file: the file is the
+# user's to fix, and a JSONDecodeError or UnpicklingError traceback would not say which one or why.
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _a(value: object) -> str:
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
+@contextmanager
+def _in(source: Path | str):
+    """Problems found in a file's contents (config fields, tensor names and shapes) are raised by code that
+    does not know the file; here they get its name in front."""
+    try:
+        yield
+    except SesemeError as err:
+        raise InputError(f"{source}: {err}") from None
+
 
 def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
@@ -140,24 +188,60 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     for f in files:
         try:
             state.update(load_file(str(f)))
-        except Exception as err:
-            raise SesemeError(f"cannot read {f}: {err}") from None
+        except Exception as err:  # SafetensorError (garbage, truncated), OSError; the library has no common base
+            raise InputError(f"cannot read {f} as safetensors: {_first_line(err)}") from None
     return state
+
+
+def _unpickler_reason(err: Exception) -> str:
+    # torch's refusal is a page of advice on loading the file unsafely; the useful part names the object.
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    return f"it pickles {found.group(1)}" if found else _first_line(err)
 
 
 def read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    # torch.save writes a zip archive; anything else (truncated, or not a checkpoint at all) would fail inside
+    # torch.load with a message about mmap or pickle opcodes.
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"cannot read {path}: not a PyTorch checkpoint (no zip archive as torch.save writes; truncated?)")
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise InputError(f"cannot read {path}: it holds Python objects besides tensors, and seseme never executes "
+                         f"a checkpoint ({_unpickler_reason(err)})") from None
     except Exception as err:
-        raise SesemeError(f"cannot read {path} as a weights-only checkpoint: {err}") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        raise InputError(f"cannot read {path} as a weights-only checkpoint: {_first_line(err)}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a training checkpoint
         state = state["model"]
+    return _named_tensors(state, path)
+
+
+def _named_tensors(state: object, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(state, dict):
+        raise InputError(f"{path} holds {_a(state)}, expected a state dict {{name: tensor}}")
+    bad = [f"{key!r} is {_a(value)}" for key, value in state.items()
+           if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+    if bad:
+        raise InputError(f"{path} is not a state dict {{name: tensor}}: {', '.join(bad[:3])}")
     return state
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix in TORCH_SUFFIXES:
+        return read_torch_checkpoint(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors([path])
+    raise InputError(f"{path} is not a checkpoint file (expected .safetensors, {', '.join(TORCH_SUFFIXES)}, "
+                     f"or a model folder)")
+
+
+def _describe(files: list[Path]) -> str:
+    return str(files[0]) if len(files) == 1 else f"{files[0].parent}/*.safetensors"
 
 
 def _codec_from_transformers(codec_config: dict, codec_state: dict):
     def make(device):
-        from .codec import MimiCodec
+        from seseme_cli.audio.codec import MimiCodec
 
         return MimiCodec.from_transformers(codec_config, codec_state, device=device)
 
@@ -165,12 +249,18 @@ def _codec_from_transformers(codec_config: dict, codec_state: dict):
 
 
 def load_transformers_folder(folder: Path) -> Checkpoint:
-    config_json = json.loads((folder / "config.json").read_text())
-    config = cfgs.from_transformers_config(config_json)
+    config_file = folder / "config.json"
+    config_json = cfgs.read_config_json(config_file)
+    with _in(config_file):
+        config = cfgs.from_transformers_config(config_json)
+        codec_config = cfgs.transformers_codec_config(config_json)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise WeightsNotFound(f"{folder} has a config.json but no *.safetensors weights")
-    weights, codec_state = rename_transformers(read_safetensors(files))
+    state = read_safetensors(files)
+    with _in(_describe(files)):
+        weights, codec_state = rename_transformers(state)
+        check_weights(weights, config)
     if not codec_state:
         raise WeightsNotFound(f"{folder} holds no codec_model.* (Mimi) weights")
     if not has_tokenizer_files(folder):
@@ -179,7 +269,7 @@ def load_transformers_folder(folder: Path) -> Checkpoint:
         config=config,
         weights=weights,
         tokenizer=HFTokenizer(folder),
-        make_codec=_codec_from_transformers(config_json["codec_config"], codec_state),
+        make_codec=_codec_from_transformers(codec_config, codec_state),
         description=f"{folder} (transformers format)",
     )
 
@@ -198,24 +288,36 @@ def _original_tokenizer(folder: Path):
     return HFTokenizer(hub_folder(LLAMA_TOKENIZER_REPO, ["tokenizer*", "special_tokens_map.json"], "the Llama-3.2 tokenizer"))
 
 
+def _original_state(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The stored tensors of an original-format checkpoint (a file, or a folder) and where they came from."""
+    if path.is_file():
+        return _read_weights_file(path), str(path)
+    if (path / "ckpt.pt").exists():
+        return read_torch_checkpoint(path / "ckpt.pt"), str(path / "ckpt.pt")
+    files = [f for f in sorted(path.glob("*.safetensors")) if "mimi" not in f.name and f.name != MIMI_FILE]
+    if not files:
+        raise WeightsNotFound(f"{path} holds no CSM weights (ckpt.pt, or *.safetensors besides Mimi's)")
+    return read_safetensors(files), _describe(files)
+
+
 def load_original(path: Path) -> Checkpoint:
     folder = path if path.is_dir() else path.parent
     config_file = folder / "config.json"
-    config = cfgs.from_original_config(json.loads(config_file.read_text()) if config_file.exists() else {})
-    if path.is_file():
-        state = read_torch_checkpoint(path) if path.suffix in (".pt", ".pth", ".bin") else read_safetensors([path])
-    elif (folder / "ckpt.pt").exists():
-        state = read_torch_checkpoint(folder / "ckpt.pt")
-    else:
-        state = read_safetensors([f for f in sorted(folder.glob("*.safetensors")) if "mimi" not in f.name and f.name != MIMI_FILE])
+    config_json = cfgs.read_config_json(config_file) if config_file.exists() else {}
+    with _in(config_file):
+        config = cfgs.from_original_config(config_json)
+    state, source = _original_state(path)
+    with _in(source):
+        weights = rename_original(state, config)
+        check_weights(weights, config)
     mimi_file = _find_mimi_file(folder)
 
     def make_codec(device):
-        from .codec import MimiCodec
+        from seseme_cli.audio.codec import MimiCodec
 
         return MimiCodec.from_moshi_file(mimi_file, num_codebooks=config.num_codebooks, device=device)
 
-    return Checkpoint(config, rename_original(state, config), _original_tokenizer(folder), make_codec, f"{path} (original format)")
+    return Checkpoint(config, weights, _original_tokenizer(folder), make_codec, f"{path} (original format)")
 
 
 def load_random(name: str, seed: int = 0) -> Checkpoint:
@@ -223,7 +325,7 @@ def load_random(name: str, seed: int = 0) -> Checkpoint:
     size = "tiny" if name == "tiny-random" else "full"
 
     def make_codec(device):
-        from .codec import MimiCodec
+        from seseme_cli.audio.codec import MimiCodec
 
         return MimiCodec.random(size, seed=seed, num_codebooks=config.num_codebooks, device=device)
 
@@ -271,7 +373,7 @@ def _is_original(folder: Path) -> bool:
     if (folder / "ckpt.pt").exists():
         return True
     config_file = folder / "config.json"
-    return config_file.exists() and "backbone_flavor" in json.loads(config_file.read_text())
+    return config_file.exists() and "backbone_flavor" in cfgs.read_config_json(config_file)
 
 
 def load_checkpoint(model: str = DEFAULT_MODEL, seed: int = 0) -> Checkpoint:

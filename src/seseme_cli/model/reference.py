@@ -15,9 +15,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CsmConfig, RopeScaling, TransformerConfig
-from .ops.rmsnorm import rms_norm_ref
-from .sampling import sample_topk
+from seseme_cli.model.config import CsmConfig, RopeScaling, TransformerConfig
+from seseme_cli.ops.rmsnorm import rms_norm_ref
+
+
+def sample_topk(logits: torch.Tensor, temperature: float, topk: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The original's sampling, in plain PyTorch: logits (B, V) -> ids (B,) int64. logits / temperature, keep every
+    logit >= the k-th largest (ties stay in), softmax, then an exponential race argmax(p / E), E ~ Exp(1), which picks
+    i with probability p_i without a host sync. temperature <= 0 or topk == 1: greedy. (The engine samples with
+    ops.sampling's Philox kernel: the same distribution, another random stream.)"""
+    if temperature <= 0 or topk == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if topk < logits.shape[-1]:
+        kth_largest = torch.topk(logits, topk, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -230,3 +245,27 @@ class CsmModel(nn.Module):
             depth_in = self.depth_audio_embed(code + i * V).unsqueeze(1)
             depth_pos = depth_pos[:, -1:] + 1
         return torch.stack(codes, dim=1)
+
+
+def generate_frames(model: CsmModel, tokens, mask, max_frames: int, temperature: float, topk: int, generator=None):
+    """The reference frame loop for one prompt (tests and the baseline benchmark, not a product path): codes
+    (frames, K) on the CPU, stopping before the first all-zero frame (the original's EOS, dropped)."""
+    device = model.c0_head.weight.device
+    K = model.cfg.num_codebooks
+    tokens, mask = tokens.unsqueeze(0).to(device), mask.unsqueeze(0).to(device)
+    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0)
+    kv_len = tokens.shape[1]  # the host knows how far the cache is filled: attend over just that
+    frame_mask = torch.zeros(1, 1, K + 1, dtype=torch.bool, device=device)
+    frame_mask[..., :K] = True
+    text_column = torch.zeros(1, 1, dtype=torch.long, device=device)
+    frames = []
+    with torch.inference_mode():
+        for _ in range(max_frames):
+            codes = model.generate_frame(tokens, mask, positions, temperature, topk, generator, kv_len=kv_len)
+            if bool((codes == 0).all()):
+                break
+            frames.append(codes[0].cpu())
+            kv_len += 1
+            tokens, mask = torch.cat([codes, text_column], dim=1).unsqueeze(1), frame_mask
+            positions = positions[:, -1:] + 1
+    return torch.stack(frames) if frames else torch.zeros(0, K, dtype=torch.long)

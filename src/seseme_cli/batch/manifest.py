@@ -7,7 +7,8 @@ that escapes the directory, or two requests with the same output, are rejected. 
 is skipped, so a rerun (also after kill -9) completes the rest: outputs are written atomically and the
 manifest is append-only, one flushed line per request. The last record for an output is its current status.
 
-Everything here runs before the model loads; generation is in `batch_run`.
+Each line's speech settings become a `SpeechRequest` here (its checks and defaults; context audio is encoded
+when the request is admitted). Everything here runs before the model loads; generation is in `batch.run`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .audio_io import SUPPORTED_FORMATS
+from seseme_cli.audio.files import SUPPORTED_FORMATS
+from seseme_cli.errors import InputError
+from seseme_cli.speech.request import DEFAULT_MAX_AUDIO_MS, DEFAULT_TEMPERATURE, DEFAULT_TOPK, SpeechRequest
 
 FIELDS = {"id", "text", "speaker", "context", "temperature", "topk", "max_audio_ms", "seed", "out"}
 CONTEXT_FIELDS = {"audio", "text", "speaker"}
-DEFAULTS = {"speaker": 0, "temperature": 0.9, "topk": 50, "max_audio_ms": 90_000.0, "seed": None}
+MAX_ID_BYTES = 200  # an id becomes a file name: <id>.<format> and the temp file's name must stay under 255 bytes
+MAX_NAME_BYTES = 240  # each part of an `out` path, for the same reason
 
 
 class RequestError(Exception):
@@ -38,15 +42,13 @@ class ContextTurn:
 
 @dataclass
 class Request:
+    """One line of the file: where it came from, where its audio goes, and what to say (`speech`; its context
+    turns are the files in `context`, encoded when it runs)."""
+
     line: int
     id: str | None = None
-    text: str = ""
-    speaker: int = 0
+    speech: SpeechRequest | None = None
     context: list[ContextTurn] = field(default_factory=list)
-    temperature: float = 0.9
-    topk: int = 50
-    max_audio_ms: float = 90_000.0
-    seed: int | None = None
     out: str | None = None
     output: Path | None = None  # resolved output file
     error: str | None = None  # set when the request cannot run
@@ -117,45 +119,61 @@ def _id(value) -> str:
     text = str(value)
     if not text or text in (".", "..") or "/" in text or "\\" in text or "\0" in text:
         raise RequestError(f"id {text!r} cannot be a file name (use \"out\" to choose the output path)")
+    if len(text.encode("utf-8")) > MAX_ID_BYTES:
+        raise RequestError(f"id is {len(text.encode('utf-8'))} bytes long; an id names a file, at most {MAX_ID_BYTES} "
+                           "bytes (use \"out\" to choose the output path)")
     return text
 
 
-def parse_request(line: int, raw: str) -> Request:
-    """One JSONL line -> Request; RequestError says what is wrong."""
+def parse_request(line: int, raw: str, chunk_ms: float | None = None) -> Request:
+    """One JSONL line -> Request; RequestError says what is wrong (the Request so far, with its id when that
+    much was readable, is in the error's `request`)."""
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
         raise RequestError(f"not valid JSON: {e.msg} (column {e.colno})") from None
     if not isinstance(obj, dict):
         raise RequestError("a request must be a JSON object")
-    _unknown(obj, FIELDS, "the request")
-    if "text" not in obj:
-        raise RequestError("no \"text\" to speak")
-    req = Request(line, text=_text(obj["text"], "text"))
-    if obj.get("id") is not None:
-        req.id = _id(obj["id"])
-    req.speaker = _int(obj.get("speaker", 0), "speaker", 0)
-    req.temperature = _number(obj.get("temperature", DEFAULTS["temperature"]), "temperature")
-    if req.temperature < 0:
-        raise RequestError(f"temperature must be >= 0, got {req.temperature}")
-    req.topk = _int(obj.get("topk", DEFAULTS["topk"]), "topk", 1)
-    req.max_audio_ms = _number(obj.get("max_audio_ms", DEFAULTS["max_audio_ms"]), "max_audio_ms")
-    if req.max_audio_ms <= 0:
-        raise RequestError(f"max_audio_ms must be positive, got {req.max_audio_ms}")
-    if obj.get("seed") is not None:
-        req.seed = _int(obj["seed"], "seed", 0)
-    if obj.get("out") is not None:
-        req.out = _string(obj["out"], "out")
-    req.context = _context(obj.get("context", []), req.speaker)
+    req = Request(line)
+    try:
+        if obj.get("id") is not None:
+            req.id = _id(obj["id"])
+        _unknown(obj, FIELDS, "the request")
+        if "text" not in obj:
+            raise RequestError("no \"text\" to speak")
+        speaker = _int(obj.get("speaker", 0), "speaker", 0)
+        if obj.get("out") is not None:
+            req.out = _string(obj["out"], "out")
+        req.context = _context(obj.get("context", []), speaker)
+        req.speech = _speech(obj, speaker, chunk_ms)
+    except RequestError as e:
+        e.request = req
+        raise
     return req
 
 
-def read_requests(path: Path) -> list[Request]:
-    """Every non-blank line of the file as a Request (with `error` set when it is malformed)."""
-    from .errors import InputError
-
+def _speech(obj: dict, speaker: int, chunk_ms: float | None) -> SpeechRequest:
+    """The line's speech settings, checked by SpeechRequest itself (JSON types first: true is not a number)."""
+    for key in ("temperature", "max_audio_ms"):
+        if key in obj:
+            _number(obj[key], key)
+    for key in ("topk", "seed"):
+        if obj.get(key) is not None:
+            _int(obj[key], key)
+    extra = {} if chunk_ms is None else {"chunk_ms": chunk_ms}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return SpeechRequest.make(_text(obj["text"], "text"), speaker, (), obj.get("max_audio_ms", DEFAULT_MAX_AUDIO_MS),
+                                  obj.get("temperature", DEFAULT_TEMPERATURE), obj.get("topk", DEFAULT_TOPK),
+                                  obj.get("seed"), **extra)
+    except InputError as e:
+        raise RequestError(str(e)) from None
+
+
+def read_requests(path: Path, chunk_ms: float | None = None) -> list[Request]:
+    """Every non-blank line of the file as a Request (with `error` set when it is malformed)."""
+    try:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first request
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     requests = []
@@ -163,9 +181,11 @@ def read_requests(path: Path) -> list[Request]:
         if not raw.strip():
             continue
         try:
-            requests.append(parse_request(number, raw))
+            requests.append(parse_request(number, raw, chunk_ms))
         except RequestError as e:
-            requests.append(Request(number, error=str(e)))
+            failed = getattr(e, "request", None) or Request(number)
+            failed.error = str(e)
+            requests.append(failed)
     if not requests:
         raise InputError(f"{path} holds no requests (one JSON object per line)")
     return requests
@@ -180,6 +200,12 @@ def plan_outputs(requests: list[Request], out_dir: Path, fmt: str) -> None:
         if req.error:
             continue
         name = req.out if req.out is not None else f"{req.id if req.id is not None else req.line}.{fmt}"
+        if "\0" in name:
+            req.error = f"out {name!r} contains a NUL character"
+            continue
+        if any(len(part.encode("utf-8")) > MAX_NAME_BYTES for part in Path(name).parts):
+            req.error = f"out {name[:40]!r}...: a file or folder name longer than {MAX_NAME_BYTES} bytes"
+            continue
         if Path(name).is_absolute():
             req.error = f"out {name!r} must be relative to the output directory"
             continue

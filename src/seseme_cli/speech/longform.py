@@ -1,7 +1,8 @@
 """Long-form text: split it into chunks that each fit one generation, and speak them in order as one voice.
 
 A CSM generation is bounded by its 2048-position window and, by default, by `CHUNK_MS` of audio. A longer text
-is split at sentence boundaries (then clause, then word boundaries for very long sentences) into chunks whose
+is split at sentence boundaries (pysbd's rules: "Dr.", "e.g.", decimals and initials do not end a sentence),
+then clause, then word boundaries for very long sentences, into chunks whose
 estimated speech fits comfortably in `chunk_ms`. Chunk i is prompted like a conversation turn that follows:
 the caller's context turns (always kept: they define the voice), then the chunks already spoken, as turns of
 their text and their *generated codes* (never re-encoded audio), then chunk i's text. When the window cannot
@@ -11,41 +12,47 @@ The chunks join without a seam: they are one continuous code sequence, and Mimi 
 state (or in one piece), so the audio at a chunk border is decoded exactly like any other frame border; there
 is nothing to crossfade and no gap is inserted (each chunk ends with the model's own trailing silence).
 
-`SpeechJob` is the plan for one text: the single-stream API and the batch scheduler both drive it the same way
-(`next_generation()` -> generate -> `finish(codes)` -> ... until `next_generation()` is None).
+`SpeechJob` is the plan for one request: the engine loop drives it (`next_generation()` -> generate ->
+`finish(codes)` -> ... until `next_generation()` is None). Each turn's prompt frames are built once and a chunk's
+prompt keeps the newest spoken chunks that fit, found walking back from the newest: a chunk costs time in
+proportion to the window, not to the text spoken so far.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from seseme_cli.errors import InputError
+from seseme_cli.speech.prompt import Frames, PromptBuilder
+from seseme_cli.speech.request import FRAME_MS, SEED_SPACE, SpeechRequest, Turn
+
 log = logging.getLogger("seseme")
 
-FRAME_MS = 80
-CHUNK_MS = 10_000  # default longest audio of one chunk
 CHARS_PER_SECOND = 15.0  # a conversational speaking rate, to size chunks from text
 FILL = 0.7  # a chunk's text is sized to ~70% of chunk_ms, so a slow reading still ends before the limit
-SEED_SPACE = 1 << 63
 
-_SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"'”’)\]]*\s+(?=[^a-z\s])")
 _CLAUSE_END = re.compile(r"(?<=[,;:，；：])\s+|\s+(?=[—–-]\s)")
-
-
-@dataclass
-class Turn:
-    """A context turn as the model takes it: who spoke, what they said, and the Mimi codes (frames, K) int64."""
-
-    speaker: int
-    text: str
-    codes: torch.Tensor
 
 
 def max_chunk_chars(chunk_ms: float) -> int:
     return max(20, int(CHARS_PER_SECOND * chunk_ms / 1000 * FILL))
+
+
+@functools.lru_cache(maxsize=1)
+def _segmenter():
+    import pysbd
+
+    return pysbd.Segmenter(language="en", clean=False)
+
+
+def sentences(text: str) -> list[str]:
+    """The sentences of `text` (whitespace already collapsed), by pysbd's English rules."""
+    return [s.strip() for s in _segmenter().segment(text) if s.strip()]
 
 
 def _pack(pieces: list[str], max_chars: int) -> list[str]:
@@ -80,8 +87,8 @@ def split_text(text: str, max_chars: int) -> list[str]:
     if len(text) <= max_chars:
         return [text] if text else []
     pieces = []
-    for sentence in _SENTENCE_END.split(text):
-        pieces += _split_sentence(sentence.strip(), max_chars)
+    for sentence in sentences(text):
+        pieces += _split_sentence(sentence, max_chars)
     return _pack([p for p in pieces if p], max_chars)
 
 
@@ -95,72 +102,71 @@ class Generation:
     seed: int
 
 
-@dataclass
 class SpeechJob:
-    """Everything needed to speak one text, one generation per chunk. `tts` provides build_prompt,
-    frame_budget and the config; `context` holds Turns (already encoded)."""
+    """Everything needed to speak one request, one generation per chunk. `context`: the request's turns,
+    already encoded (Turns)."""
 
-    tts: object
-    text: str
-    speaker: int = 0
-    context: list[Turn] = field(default_factory=list)
-    max_audio_ms: float = 90_000
-    seed: int = 0
-    chunk_ms: float = CHUNK_MS
-    chunks: list[str] = field(init=False)
-    spoken: list[torch.Tensor] = field(init=False, default_factory=list)  # codes of each finished chunk
-    truncated: int = field(init=False, default=0)  # chunks that hit their frame limit
-
-    def __post_init__(self):
-        from .errors import InputError
-
-        if not (self.chunk_ms >= 2 * FRAME_MS):
-            raise InputError(f"the chunk length must be at least {2 * FRAME_MS} ms, got {self.chunk_ms}")
-        self.chunks = split_text(self.text, max_chunk_chars(self.chunk_ms))
+    def __init__(self, request: SpeechRequest, context: list[Turn], prompts: PromptBuilder):
+        self.request, self.prompts = request, prompts
+        self.chunks = split_text(request.text, max_chunk_chars(request.chunk_ms))
         if not self.chunks:
             raise InputError("the text to speak is empty")
+        self.context = list(context)
+        self._context_frames = [prompts.turn_frames(t) for t in self.context] if len(self.chunks) > 1 else None
+        self.spoken: list[torch.Tensor] = []  # codes of each finished chunk
+        self._spoken_frames: list[Frames] = []  # their prompt frames (text + codes), built once
+        self.truncated = 0  # chunks that hit their frame limit
         self._limit: int | None = None
 
     @property
     def done(self) -> bool:
         return len(self.spoken) == len(self.chunks)
 
+    @property
+    def chunk_index(self) -> int:
+        return len(self.spoken)
+
     def next_generation(self) -> Generation | None:
         """The prompt for the next chunk, or None when every chunk has been spoken."""
         if self.done:
             return None
-        i = len(self.spoken)
+        i, req = len(self.spoken), self.request
         text = self.chunks[i]
         if len(self.chunks) == 1:  # one generation: exactly the plain API's prompt and limits
-            tokens, mask = self.tts.build_prompt(text, self.speaker, self.context)
-            frames = self.tts.frame_budget(tokens.shape[0], self.max_audio_ms)
+            prompt = self.prompts.prompt(text, req.speaker, self.context)
+            frames = self.prompts.frame_budget(len(prompt), req.max_frames)
         else:
-            wanted = max(1, int(min(self.max_audio_ms, self.chunk_ms) // FRAME_MS))
-            tokens, mask = self._fit_prompt(text, wanted)
-            frames = self.tts.frame_budget(tokens.shape[0], wanted * FRAME_MS)
+            wanted = max(1, int(min(req.max_audio_ms, req.chunk_ms) // FRAME_MS))
+            prompt = self._fit_prompt(text, wanted)
+            frames = self.prompts.frame_budget(len(prompt), wanted)
         self._limit = frames
-        return Generation(tokens, mask, frames, (self.seed + i) % SEED_SPACE)
+        return Generation(prompt.tokens, prompt.mask, frames, (req.sampling.seed + i) % SEED_SPACE)
 
-    def _fit_prompt(self, text: str, frames: int):
+    def _fit_prompt(self, text: str, frames: int) -> Frames:
         """Caller context + as many of the latest spoken chunks as fit with `frames` of room, + `text`."""
-        window = self.tts.config.max_seq_len
-        history = [Turn(self.speaker, t, c) for t, c in zip(self.chunks, self.spoken)]
-        while True:
-            tokens, mask = self.tts.build_prompt(text, self.speaker, self.context + history)
-            if tokens.shape[0] + frames <= window or not history:
-                return tokens, mask
-            history = history[1:]
+        own = self.prompts.text_frames(text, self.request.speaker)
+        room = self.prompts.window - frames - len(own) - sum(len(f) for f in self._context_frames)
+        kept: list[Frames] = []
+        for spoken in reversed(self._spoken_frames):
+            if len(spoken) > room:
+                break
+            kept.append(spoken)
+            room -= len(spoken)
+        return Frames.join([*self._context_frames, *reversed(kept), own])
 
     def finish(self, codes: torch.Tensor) -> None:
         """Record the codes (frames, K) generated for the current chunk."""
-        if len(self.chunks) > 1 and self._limit is not None and codes.shape[0] >= self._limit:
-            self.truncated += 1
+        if len(self.chunks) > 1:
+            if self._limit is not None and codes.shape[0] >= self._limit:
+                self.truncated += 1
+            turn = Turn(self.request.speaker, self.chunks[len(self.spoken)], codes)
+            self._spoken_frames.append(self.prompts.turn_frames(turn))
         self.spoken.append(codes)
         self._limit = None
 
     def warn_if_truncated(self) -> None:
         if self.truncated:
-            limit = min(self.max_audio_ms, self.chunk_ms)
+            limit = min(self.request.max_audio_ms, self.request.chunk_ms)
             log.warning("%d of %d text chunks reached the %.0f ms chunk limit before the model ended them; their "
                         "ends may be cut (random weights never end)", self.truncated, len(self.chunks), limit)
 

@@ -13,15 +13,15 @@ from typing import Callable
 
 import torch
 
-from .config import CsmConfig
-from .engine import frame as engine_frame
-from .model import rope_inv_freq
-from .ops import attention as A
-from .ops.linear import LinearConfig, _config_error, default_config, linear, linear_ref, linear_workspace_bytes
-from .ops.linear import swiglu_linear, swiglu_linear_ref
-from .ops.rmsnorm import rms_norm_ref
-from .ops.sampling import sample_topk_philox, sample_topk_philox_ref
-from .ops.short_attention import SHORT_MAX_THREADS, rope_append_attention, short_attention_fits
+from seseme_cli.model.config import CsmConfig
+from seseme_cli.engine import frame as engine_frame
+from seseme_cli.model.reference import rope_inv_freq
+from seseme_cli.ops import attention as A
+from seseme_cli.ops.linear import LinearConfig, _config_error, default_config, linear, linear_ref, linear_workspace_bytes
+from seseme_cli.ops.linear import swiglu_linear, swiglu_linear_ref
+from seseme_cli.ops.rmsnorm import rms_norm_ref
+from seseme_cli.ops.sampling import sample_topk_philox, sample_topk_philox_ref
+from seseme_cli.ops.short_attention import SHORT_MAX_THREADS, rope_append_attention, short_attention_fits
 
 DTYPE = torch.bfloat16
 MMA_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)  # not every 1..16: neighbours differ by less than the noise

@@ -20,11 +20,11 @@ from typing import Callable
 
 import torch
 
-from .config import CsmConfig
-from .errors import InputError
-from .kernels import has_cuda_kernels
-from .ops.linear import LinearConfig
-from .tune_cases import Case, frame_cases
+from seseme_cli.model.config import CsmConfig
+from seseme_cli.errors import InputError
+from seseme_cli.ops.kernels import has_cuda_kernels
+from seseme_cli.ops.linear import LinearConfig
+from seseme_cli.tools.tune_cases import Case, frame_cases
 
 CALLS = 32  # calls per timed graph: long enough for event resolution, short enough to sweep hundreds
 SURVIVORS = 6  # candidates re-timed in the final round, beside the default

@@ -1,0 +1,394 @@
+"""The engine loop: `add_request(req) -> handle`, `step()`, `abort(handle)`, on the frame engine's cache rows.
+
+Every front end drives this one loop: `tts.generate` / `tts.stream` (one row), `seseme batch` (many rows, fed
+from a file), `seseme bench`, and the server (a thread that calls `step()` forever while HTTP requests come and
+go). One `step()`:
+1. takes the requests that arrived and the aborts asked for (both thread-safe), and frees aborted rows;
+2. admits waiting requests into free rows, first come first served: context audio is encoded, the first text
+   chunk's prompt built, and all new prompts are prefilled together right before the frame;
+3. runs one frame for every busy row (one CUDA graph replay on a GPU) and copies its codes to pinned host memory
+   without waiting;
+4. reads the *previous* frame's codes (its copy finished while this frame ran: the host never waits for the frame
+   it just queued) and, per row: keeps the frame, or ends the generation at an all-zero frame (the original's
+   end of speech, dropped) or at the frame limit; a long text's next chunk starts at once in the same row with
+   the spoken chunks as context; a finished request frees its row;
+5. now and then hands the new frames to the audio decoder (audio.rows.RowAudio: Mimi streaming, one slot per
+   request, in its own thread): at once when a new request has its first frame (small first chunk), else every
+   `chunk_frames` frames.
+A row that ended runs one frame more (the one already queued); its codes are ignored. Idle rows inside the batch
+bucket run too; they are re-parked on a one-frame prompt before they could pass the end of their KV cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from seseme_cli.engine.handle import ABORTED, FAILED, FINISHED, RUNNING, RequestHandle
+from seseme_cli.errors import InputError, SesemeError
+from seseme_cli.speech.longform import SpeechJob
+from seseme_cli.speech.prompt import PromptBuilder
+from seseme_cli.speech.request import SpeechRequest
+
+CHUNK_FRAMES = 8  # frames per audio round once every request has its first audio
+
+
+class QueueFull(SesemeError):
+    """The waiting queue is at its limit: try again later."""
+
+
+@dataclass
+class StepOutput:
+    """What one step made known: new frames per request ((n, K) int64 numpy), and the requests that ended."""
+
+    frames: dict = field(default_factory=dict)
+    finished: list = field(default_factory=list)
+
+
+@dataclass
+class Stats:
+    frames: int = 0  # useful frames generated
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+class _Row:
+    """A request on a cache row: its plan, the current generation's frame limit and frames, its audio slot."""
+
+    def __init__(self, handle: RequestHandle, job: SpeechJob, slot: int | None):
+        self.handle, self.job, self.slot = handle, job, slot
+        self.generation = 0  # bumped when a generation ends: a frame queued before that is not this one's
+        self.limit = 0
+        self.pieces: list[np.ndarray] = []
+        self.audio: list[np.ndarray] = []  # frames not yet handed to the audio decoder
+        self.audio_started = False
+
+
+class SpeechEngine:
+    """The loop over `tts`'s frame engine (`tts.setup_caches(max_batch)` first). `decode_audio`: decode each
+    request's audio as it generates (else handles get codes only); `pcm16`: decode to int16 samples;
+    `max_waiting`: add_request raises QueueFull beyond this many waiting requests (None: no limit)."""
+
+    def __init__(self, tts, decode_audio: bool = True, pcm16: bool = False, max_waiting: int | None = None,
+                 first_chunk_frames: int = 1, chunk_frames: int = CHUNK_FRAMES, audio_slots: int | None = None):
+        self.tts = tts
+        self.runner = tts.engine
+        self.cfg = tts.config
+        self.B, self.K, self.window = self.runner.max_batch, self.cfg.num_codebooks, self.cfg.max_seq_len
+        self.prompts = PromptBuilder(tts.tokenizer, tts.config)
+        self.max_waiting = max_waiting
+        self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
+        self.stats = Stats()
+        self.rows: list[_Row | None] = [None] * self.B
+        self.positions = [0] * self.B  # host copy of each row's next write position
+        self.waiting: collections.deque[RequestHandle] = collections.deque()
+        self._arrivals: list[RequestHandle] = []
+        self._aborts: list[RequestHandle] = []
+        self._lock = threading.Lock()
+        self.wakeup = threading.Event()  # set by add_request/abort, for a thread that waits while idle
+        self._pending: dict[int, tuple] = {}  # row -> prefill request, flushed right before the next frame
+        pinned = self.runner.device.type == "cuda"
+        self._pinned = pinned
+        self._host = [torch.zeros(self.B, self.K, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._events = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self._inflight: collections.deque = collections.deque()  # (ring slot, n, [(row, state, generation)])
+        self._launches = 0
+        # Audio: one decoder slot per request being decoded. A few more slots than rows, so that a row whose
+        # request ended can take the next one before the old request's last frames are decoded.
+        self.audio = None
+        self._slots_free: list[int] = []
+        self._endings: list[tuple] = []  # (state, status, error, exception): over, waiting for their last audio round
+        self._since_audio = 0
+        if decode_audio:
+            from seseme_cli.audio.rows import RowAudio
+
+            slots = audio_slots or (self.B + max(2, self.B // 8))
+            self.audio = RowAudio(tts.codec, slots, self._on_piece, pcm16=pcm16)
+            self._slots_free = list(range(slots - 1, -1, -1))
+        dummy = torch.zeros(1, self.K + 1, dtype=torch.long)
+        self._park_prompt = (dummy, dummy.bool())
+        for row in range(self.B):
+            self._park(row)
+
+    # --- the public interface ----------------------------------------------------------------------------------
+
+    def add_request(self, request: SpeechRequest, request_id: str | None = None, on_event=None,
+                    keep_audio: bool = True) -> RequestHandle:
+        """Queue a request; thread-safe. Raises QueueFull when `max_waiting` requests are already waiting."""
+        if not isinstance(request, SpeechRequest):
+            raise InputError(f"add_request takes a SpeechRequest, got {type(request).__name__}")
+        handle = RequestHandle(request, request_id, on_event, keep_audio)
+        with self._lock:
+            if self.max_waiting is not None and len(self.waiting) + len(self._arrivals) >= self.max_waiting:
+                raise QueueFull(f"{self.max_waiting} requests are already waiting")
+            self._arrivals.append(handle)
+        self.wakeup.set()
+        return handle
+
+    def abort(self, handle: RequestHandle) -> None:
+        """Stop a request: its row is freed at the start of the next step; thread-safe, idempotent."""
+        with self._lock:
+            if not handle.done and not handle.abort_requested:
+                handle.abort_requested = True
+                self._aborts.append(handle)
+        self.wakeup.set()
+
+    @property
+    def active_rows(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting) + len(self._arrivals)
+
+    def has_work(self) -> bool:
+        return bool(self._arrivals or self._aborts or self.waiting or self.active_rows or self._inflight
+                    or self._endings or self._audio_pending())
+
+    def step(self) -> StepOutput:
+        """Advance every busy row by one frame (see the module docstring); returns what became known. If the
+        step fails (a bug, the GPU out of memory), every request still in the engine fails with it."""
+        try:
+            with torch.inference_mode():
+                return self._step()
+        except BaseException as e:
+            self.fail_all(f"the engine failed: {type(e).__name__}: {e}")
+            raise
+
+    def fail_all(self, error: str) -> None:
+        """End every request in the engine as failed (after a crash: no handle may wait forever)."""
+        with self._lock:
+            handles = [*self._arrivals, *self.waiting, *(r.handle for r in self.rows if r is not None),
+                       *(ending[0].handle for ending in self._endings)]
+            self._arrivals = []
+        self.waiting.clear()
+        self.rows = [None] * self.B
+        self._endings, self._inflight = [], collections.deque()
+        for handle in handles:
+            handle.deliver_end(FAILED, error)
+
+    def _step(self) -> StepOutput:
+        out = StepOutput()
+        self._take_arrivals()
+        self._admit(out)
+        busy = [r for r in range(self.B) if self.rows[r] is not None]
+        if busy:
+            self._launch(busy)
+        if self._inflight and (len(self._inflight) > 1 or not busy):
+            self._process(self._inflight.popleft(), out)
+        idle = not any(self.rows) and not self._inflight
+        self._audio_round(force=idle)
+        self.stats.steps += 1
+        return out
+
+    def drain(self, on_step=None) -> None:
+        """Step until every request has ended (and its audio is decoded); `on_step(output)` after each step."""
+        while self.has_work():
+            out = self.step()
+            if on_step is not None:
+                on_step(out)
+        if self.audio is not None:
+            self.audio.sync()
+
+    def run_forever(self, stop: threading.Event, on_step=None) -> None:
+        """Step while there is work, sleep while there is none, until `stop` is set (then drain and return)."""
+        while not stop.is_set():
+            if not self.has_work():
+                self.wakeup.wait(0.1)
+                self.wakeup.clear()
+                continue
+            out = self.step()
+            if on_step is not None:
+                on_step(out)
+
+    def close(self) -> None:
+        """Abort what is left and stop the audio thread."""
+        with self._lock:
+            left = [*self._arrivals, *self.waiting, *(r.handle for r in self.rows if r is not None)]
+        for handle in left:
+            self.abort(handle)
+        with torch.inference_mode():
+            while self.has_work():
+                self.step()
+        if self.audio is not None:
+            self.audio.close()
+
+    # --- admission -----------------------------------------------------------------------------------------
+
+    def _take_arrivals(self) -> None:
+        with self._lock:
+            arrivals, self._arrivals = self._arrivals, []
+            aborts, self._aborts = self._aborts, []
+        self.waiting.extend(arrivals)
+        for handle in aborts:
+            self._abort_now(handle)
+
+    def _abort_now(self, handle: RequestHandle) -> None:
+        if handle in self.waiting:
+            self.waiting.remove(handle)
+            handle.deliver_end(ABORTED, "aborted")
+            return
+        for row, state in enumerate(self.rows):
+            if state is not None and state.handle is handle:
+                self._end_request(row, state, ABORTED, "aborted")
+                return
+
+    def _admit(self, out: StepOutput) -> None:
+        free = [r for r in range(self.B) if self.rows[r] is None]
+        while self.waiting and free and (self.audio is None or self._slots_free):
+            handle = self.waiting.popleft()
+            try:
+                job = SpeechJob(handle.request, self.tts.encode_context(handle.request.context), self.prompts)
+                gen = job.next_generation()
+            except SesemeError as e:  # this request's input (context audio, a prompt over the window): it alone fails
+                handle.deliver_end(FAILED, " ".join(str(e).split()), e)
+                out.finished.append(handle)
+                continue
+            row = free.pop(0)
+            state = _Row(handle, job, self._slots_free.pop() if self.audio is not None else None)
+            handle.status, handle.started, handle.chunks_total = RUNNING, time.perf_counter(), len(job.chunks)
+            self.rows[row] = state
+            self._start_generation(row, state, gen)
+
+    def _start_generation(self, row: int, state: _Row, gen) -> None:
+        sampling = state.handle.request.sampling
+        self._pending[row] = (row, gen.tokens, gen.mask, sampling.temperature, sampling.topk, gen.seed)
+        self.positions[row] = gen.tokens.shape[0] - 1
+        state.limit, state.pieces = gen.max_frames, []
+
+    def _park(self, row: int) -> None:
+        tokens, mask = self._park_prompt
+        self._pending[row] = (row, tokens, mask, 0.0, 1, 0)
+        self.positions[row] = 0
+
+    # --- frames --------------------------------------------------------------------------------------------
+
+    def _launch(self, busy: list[int]) -> None:
+        n = busy[-1] + 1
+        bucket = self.runner.bucket_for(n)
+        for row in range(bucket):  # idle rows run too: keep them inside their cache (2: this frame and the lagged one)
+            if self.rows[row] is None and self.positions[row] + 2 >= self.window:
+                self._park(row)
+        if self._pending:
+            self.runner.set_rows(list(self._pending.values()))
+            self._pending.clear()
+        ring = self._launches % 2
+        self._launches += 1
+        codes = self.runner.step(n)
+        self._host[ring][:n].copy_(codes[:n], non_blocking=self._pinned)
+        if self._pinned:
+            self._events[ring].record()
+        for row in range(bucket):
+            self.positions[row] += 1
+        self._inflight.append((ring, n, [(r, self.rows[r], self.rows[r].generation) for r in busy]))
+
+    def _process(self, item, out: StepOutput) -> None:
+        ring, n, snapshot = item
+        if self._pinned:
+            self._events[ring].synchronize()
+        frames = self._host[ring][:n].numpy().copy()
+        eos = (frames == 0).all(axis=1)
+        for row, state, generation in snapshot:
+            if self.rows[row] is not state or state.generation != generation:
+                continue  # the lagged frame of a generation that already ended
+            if eos[row]:
+                self._end_generation(row, state, out)
+                continue
+            frame = frames[row]
+            state.pieces.append(frame)
+            state.handle.frames += 1
+            self.stats.frames += 1
+            if self.audio is not None:
+                state.audio.append(frame)
+            out.frames.setdefault(state.handle, []).append(frame)
+            if len(state.pieces) >= state.limit:
+                self._end_generation(row, state, out)
+
+    def _end_generation(self, row: int, state: _Row, out: StepOutput) -> None:
+        job, handle = state.job, state.handle
+        codes = np.stack(state.pieces) if state.pieces else np.zeros((0, self.K), dtype=np.int64)
+        job.finish(torch.from_numpy(codes))
+        state.generation += 1
+        handle.chunks_done = job.chunk_index
+        try:
+            gen = job.next_generation()
+        except SesemeError as e:  # e.g. a later chunk's prompt no longer fits the window
+            self._end_request(row, state, FAILED, " ".join(str(e).split()), e)
+            out.finished.append(handle)
+            return
+        if gen is not None:
+            self._start_generation(row, state, gen)
+            return
+        job.warn_if_truncated()
+        handle.codes, handle.truncated = job.codes(self.K), job.truncated
+        self._end_request(row, state, FINISHED, None)
+        out.finished.append(handle)
+
+    def _end_request(self, row: int, state: _Row, status: str, error: str | None, exception=None) -> None:
+        """Free the row now; the handle ends once its last audio is decoded (at once without audio)."""
+        self.rows[row] = None
+        self._pending.pop(row, None)
+        state.generation += 1
+        if status != FINISHED:
+            state.audio = []  # nobody wants the rest of a failed or aborted request's audio
+        if self.audio is None:
+            state.handle.deliver_end(status, error, exception)
+        else:
+            self._endings.append((state, status, error, exception))
+
+    # --- audio ---------------------------------------------------------------------------------------------
+
+    def _audio_pending(self) -> bool:
+        return self.audio is not None and any(r is not None and r.audio for r in self.rows)
+
+    def _audio_round(self, force: bool) -> None:
+        if self.audio is None:
+            return
+        self._since_audio += 1
+        active = [r for r in self.rows if r is not None]
+        first = any(not r.audio_started and len(r.audio) >= self.first_chunk_frames for r in active)
+        if not (force or first or self._since_audio >= self.chunk_frames):
+            return
+        ending = self._endings
+        rows = [(state, True) for state in active] + [(ending[0], False) for ending in ending]
+        k = max((len(state.audio) for state, _ in rows), default=0)
+        if k:
+            width = max(state.slot for state, _ in rows) + 1
+            frames = np.zeros((k, width, self.K), dtype=np.int64)
+            listed, fresh = [], set()
+            for state, goes_on in rows:
+                kept = len(state.audio)
+                if kept:
+                    frames[:kept, state.slot] = np.stack(state.audio)
+                    if not state.audio_started:
+                        fresh.add(state.slot)
+                        state.audio_started = True
+                listed.append((state.slot, state, kept, goes_on))
+                state.audio = []
+            self.audio.round(frames, listed, fresh)
+        for state, status, error, exception in ending:
+            self.audio.end(state, self._finisher(state, status, error, exception))
+            self._slots_free.append(state.slot)
+        self._endings = []
+        self._since_audio = 0
+
+    def _on_piece(self, state: _Row, samples: np.ndarray) -> None:
+        if not state.handle.done:
+            state.handle.deliver_audio(samples)
+
+    @staticmethod
+    def _finisher(state: _Row, status: str, error: str | None, exception):
+        def finish(special: int) -> None:
+            state.handle.special = special
+            state.handle.deliver_end(status, error, exception)
+
+        return finish
