@@ -26,8 +26,6 @@ from seseme_cli.errors import SesemeError
 from seseme_cli.api import load_csm_1b_optimized
 from seseme_cli.ops.kernels import has_cuda_kernels
 from seseme_cli.speech.longform import max_chunk_chars, split_text
-from seseme_cli.audio.rows import RowAudio
-from seseme_cli.engine.scheduler import Scheduler, Work
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 CONTEXT = SAMPLES / "context" / "espeak_hello.wav"
@@ -52,8 +50,9 @@ def test_parse_full_request():
     req = parse_request(3, json.dumps({
         "id": 7, "text": "  Hello\n there. ", "speaker": 1, "temperature": 0.5, "topk": 10, "max_audio_ms": 800,
         "seed": 4, "out": "a/b.flac", "context": [{"audio": str(CONTEXT), "text": "Hello there."}]}))
-    assert (req.line, req.id, req.text, req.speaker, req.temperature, req.topk, req.max_audio_ms, req.seed, req.out) == \
-        (3, "7", "Hello there.", 1, 0.5, 10, 800.0, 4, "a/b.flac")
+    s = req.speech
+    assert (req.line, req.id, s.text, s.speaker, s.sampling.temperature, s.sampling.topk, s.max_audio_ms, s.sampling.seed,
+            req.out) == (3, "7", "Hello there.", 1, 0.5, 10, 800.0, 4, "a/b.flac")
     assert req.context[0].audio == CONTEXT and req.context[0].speaker == 1  # defaults to the request's speaker
 
 
@@ -69,7 +68,9 @@ def test_parse_full_request():
     ('{"text": "hi", "topk": 0}', "topk must be >= 1"),
     ('{"text": "hi", "temperature": -1}', "temperature must be >= 0"),
     ('{"text": "hi", "temperature": true}', "temperature must be a number"),
-    ('{"text": "hi", "max_audio_ms": 0}', "max_audio_ms must be positive"),
+    ('{"text": "hi", "max_audio_ms": 0}', "max_audio_ms must be >= 80"),
+    ('{"text": "hi", "seed": -3}', "seed must be between 0 and"),
+    ('{"text": "hi", "id": "' + "x" * 300 + '"}', "at most 200 bytes"),
     ('{"text": "hi", "id": "a/b"}', "cannot be a file name"),
     ('{"text": "hi", "id": [1]}', "id must be a string or an integer"),
     ('{"text": "hi", "context": {"audio": "x"}}', "context must be a list"),
@@ -84,7 +85,16 @@ def test_malformed_requests_say_why(line, message):
 def test_read_requests_keeps_line_numbers_and_skips_blank_lines(tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"text": "a"}, "", "nope", {"text": "b"}])
     reqs = read_requests(path)
-    assert [(r.line, r.text, r.error is None) for r in reqs] == [(1, "a", True), (3, "", False), (4, "b", True)]
+    assert [(r.line, r.speech and r.speech.text, r.error is None) for r in reqs] == \
+        [(1, "a", True), (3, None, False), (4, "b", True)]
+
+
+def test_a_bad_field_keeps_the_id_and_a_byte_order_mark_is_not_text(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes("\ufeff".encode() + b'{"id": "first", "text": "a"}\n{"id": "second", "text": "b", "topk": 0}\n')
+    first, second = read_requests(path)
+    assert first.error is None and first.id == "first" and first.speech.text == "a"
+    assert second.id == "second" and "topk" in second.error
 
 
 # --- outputs ---------------------------------------------------------------------------------------------------
@@ -147,48 +157,7 @@ def test_writer_prepares_writes_and_discards(tmp_path, threads):
     assert np.array_equal(sf.read(root / "ok.wav", dtype="float32")[0], np.concatenate(pieces))
 
 
-# --- continuous batching on the engine ----------------------------------------------------------------------------
-
-def works(tts, specs):
-    return [Work(i, tts.speech_job(text, 0, [], ms, 0.9, 50, seed), 0.9, 50) for i, (text, ms, seed) in enumerate(specs)]
-
-
-def run(tts, specs, batch_size):
-    scheduler = Scheduler(Engine(tts.model, batch_size, use_graphs=False))
-    finished = []
-    scheduler.run(works(tts, specs), lambda w: finished.append((w.key, w.job.codes())), lambda w, e: pytest.fail(str(e)))
-    return finished
-
-
-def test_finished_rows_are_refilled_at_once_and_batching_does_not_change_results(tts):
-    specs = [("A long one.", 1600, 1), ("Short.", 160, 2), ("Short too.", 240, 3), ("And short.", 160, 4)]
-    together = run(tts, specs, batch_size=2)
-    # Requests 1..3 went through row 1 while request 0 was still generating on row 0.
-    assert [key for key, _ in together] == [1, 2, 3, 0]
-    assert [c.shape[0] for _, c in sorted(together, key=lambda kc: kc[0])] == [20, 2, 3, 2]
-    alone = dict(run(tts, specs, batch_size=1))
-    for key, codes in together:  # each row samples with its own seed and counters: same codes as alone
-        assert torch.equal(codes, alone[key])
-
-
-def test_rows_decoded_while_generating_equal_one_shot_decodes(tts):
-    # RowAudio (test_row_audio.py) fed by the scheduler: refilled rows start over, a long-form job's chunks go on.
-    specs = [("Short.", 240, 1), (PARAGRAPHS, 160, 2), ("Another short one.", 400, 3), ("Last.", 160, 4)]
-    got, codes = {}, {}
-    audio = RowAudio(tts.codec, 2, lambda w, pieces, special: got.setdefault(w.key, torch.from_numpy(np.concatenate(pieces))))
-
-    def finished(work):
-        codes[work.key] = work.job.codes()
-        audio.finish(work)
-
-    scheduler = Scheduler(Engine(tts.model, 2, use_graphs=False), audio=audio)
-    scheduler.run(works(tts, specs), finished, lambda w, e: pytest.fail(str(e)))
-    audio.close()
-    assert sorted(got) == [0, 1, 2, 3] and codes[1].shape[0] > 4  # the story ran several chunks
-    for key, samples in got.items():
-        full = tts.codec.decode(codes[key].masked_fill(codes[key] >= 2048, 0).T)  # specials decode as code 0
-        assert samples.shape == full.shape and (samples - full).abs().max() <= 1e-5 * full.abs().max()
-
+# --- sizing ----------------------------------------------------------------------------------------------------
 
 def test_batch_size_that_fits_counts_the_engine_row_and_its_decoder_slot(tts, monkeypatch):
     from seseme_cli.batch import run as batch_run
@@ -204,23 +173,6 @@ def test_batch_size_that_fits_counts_the_engine_row_and_its_decoder_slot(tts, mo
     free = batch_run.RESERVE_BYTES + per_row // 2
     with pytest.raises(SesemeError, match="not enough free GPU memory"):
         batch_run.pick_batch_size(gpu, None, 10)
-
-
-def test_idle_rows_are_parked_before_they_run_out_of_cache(tts):
-    # A long generation on row 2 runs rows 0..3 (bucket 4): rows 0, 1 and 3 sit idle and advance too, so they
-    # must be re-parked before their positions pass the end of the KV cache (made short here).
-    scheduler = Scheduler(Engine(tts.model, 4, use_graphs=False))
-    scheduler.window = 16
-    idle_positions = []
-
-    def watch(stats):
-        idle_positions.extend(scheduler.positions[r] for r in (0, 1, 3))  # row 2: the long one
-
-    specs = [("One.", 80, 1), ("Two.", 80, 2), ("Three is long.", 3200, 3)]
-    done = []
-    scheduler.run(works(tts, specs), lambda w: done.append(w.key), lambda w, e: pytest.fail(str(e)), watch)
-    assert done == [0, 1, 2]
-    assert idle_positions and max(idle_positions) <= 16  # without parking they would reach 40
 
 
 # --- end to end ------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from seseme_cli.cli import main as cli
 from seseme_cli.api import load_csm_1b_optimized
 from seseme_cli.ops.kernels import has_cuda_kernels
-from seseme_cli.speech.longform import SpeechJob, Turn, max_chunk_chars, split_text
+from seseme_cli.speech.longform import SpeechJob, max_chunk_chars, sentences, split_text
+from seseme_cli.speech.request import SpeechRequest, Turn
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 PARAGRAPHS = (SAMPLES / "texts" / "paragraphs.txt").read_text()
@@ -41,6 +42,27 @@ def test_short_sentences_are_packed_and_lowercase_after_a_dot_does_not_split():
     assert split_text(text, 30) == ["One. Two. Three.", "Mr. smith said e.g. this.", "Four!"]
 
 
+@pytest.mark.parametrize("text", [
+    "Dr. Smith met Mr. Jones at noon.", "Take e.g. the apples and i.e. the pears.", "It costs 3.50 dollars today.",
+    "J. R. R. Tolkien wrote it.", "The U.S. army arrived at 5 p.m. sharp."])
+def test_abbreviations_decimals_and_initials_do_not_end_a_sentence(text):
+    assert sentences(text) == [text]
+
+
+def test_long_text_splits_in_linear_time_like_short_text():
+    import time
+
+    text = " ".join(f"Sentence number {i} is here, said Dr. Who at 3.5 p.m. today." for i in range(4000))  # 240 KB
+    start = time.perf_counter()
+    found = sentences(text)
+    assert time.perf_counter() - start < 20  # pysbd alone: minutes
+    assert len(found) == 4000 and found[1] == "Sentence number 1 is here, said Dr. Who at 3.5 p.m. today."
+
+
+def test_sentence_ends_still_split():
+    assert sentences("Hello there. How are you? Fine! Thanks.") == ["Hello there.", "How are you?", "Fine!", "Thanks."]
+
+
 def test_long_sentence_splits_at_clauses_then_words():
     sentence = "first part, " * 6 + "and then a very long tail without any punctuation at all in it whatsoever."
     chunks = split_text(sentence, 40)
@@ -59,7 +81,7 @@ def test_chunk_size_follows_chunk_ms():
 
 def test_each_chunk_is_prompted_with_the_previous_ones_and_the_oldest_are_dropped(tts):
     voice = Turn(1, "A voice.", torch.randint(0, 2048, (30, K)))
-    job = SpeechJob(tts, PARAGRAPHS, speaker=0, context=[voice], max_audio_ms=10_000, seed=5)
+    job = SpeechJob(SpeechRequest.make(PARAGRAPHS, 0, max_audio_ms=10_000, seed=5), [voice], tts.prompts)
     window, spoken = tts.config.max_seq_len, []
     while (gen := job.next_generation()) is not None:
         tokens, mask = gen.tokens, gen.mask
@@ -67,7 +89,7 @@ def test_each_chunk_is_prompted_with_the_previous_ones_and_the_oldest_are_droppe
         assert gen.max_frames == 10_000 // 80
         assert gen.seed == 5 + len(spoken)
         # The caller's voice turn always opens the prompt: its codes right after its text frames.
-        n_text = len(tts._text_frames(voice.text, voice.speaker)[0])
+        n_text = len(tts.prompts.text_frames(voice.text, voice.speaker))
         assert torch.equal(tokens[n_text : n_text + 30, :K], voice.codes)
         audio_rows = tokens[mask[:, :K].any(dim=1), :K]
         if spoken:  # the last spoken chunk is in the prompt, as codes followed by an EOS frame
@@ -81,10 +103,28 @@ def test_each_chunk_is_prompted_with_the_previous_ones_and_the_oldest_are_droppe
 
 
 def test_one_chunk_uses_the_plain_limits(tts):
-    job = SpeechJob(tts, "Hello there.", max_audio_ms=30_000, seed=1)
+    job = SpeechJob(SpeechRequest.make("Hello there.", max_audio_ms=30_000, seed=1), [], tts.prompts)
     gen = job.next_generation()
     assert gen.max_frames == 30_000 // 80 and len(job.chunks) == 1
     torch.testing.assert_close(gen.tokens, tts.build_prompt("Hello there.", 0)[0])
+
+
+def test_prompt_fitting_is_linear_in_the_text_spoken(tts):
+    # 200 KB of text used to take seconds per chunk late in the text (every prompt rebuilt from all history).
+    import time
+
+    text = " ".join(f"Sentence number {i} is here, said Dr. Who." for i in range(3000))
+    job = SpeechJob(SpeechRequest.make(text, 0, max_audio_ms=10_000, seed=1), [], tts.prompts)
+    assert len(job.chunks) > 1000
+    codes = torch.randint(1, 2048, (40, K))
+    times = []
+    for i in range(len(job.chunks)):
+        start = time.perf_counter()
+        job.next_generation()
+        job.finish(codes)
+        times.append(time.perf_counter() - start)
+    early, late = sorted(times[50:150])[50], sorted(times[-100:])[50]  # medians
+    assert late < 5 * early + 1e-3, (early, late)
 
 
 # --- generation ------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""RowAudio: Mimi decoding of the scheduler's rows round by round gives each request the samples of a one-shot
-decode of its kept codes (tiny random Mimi on the CPU; `seseme batch` runs it on the GPU in test_batch)."""
+"""RowAudio: Mimi decoding of the engine loop's requests round by round gives each request the samples of a
+one-shot decode of its kept codes (tiny random Mimi on the CPU; `seseme batch` runs it on the GPU in test_batch)."""
 
 import numpy as np
 import pytest
@@ -11,9 +11,22 @@ from seseme_cli.audio.rows import RowAudio
 K, FRAME = 32, 1920
 
 
-class Work:  # the scheduler's Work only matters to RowAudio by identity
+class Work:  # a request only matters to RowAudio by identity
     def __init__(self, name):
         self.name = name
+
+
+class Collect:
+    """The pieces each work was handed, and what its end callback said."""
+
+    def __init__(self):
+        self.pieces, self.ended = {}, {}
+
+    def on_piece(self, work, samples):
+        self.pieces.setdefault(work, []).append(samples)
+
+    def ender(self, work):
+        return lambda special: self.ended.setdefault(work, (joined(self.pieces.get(work, [])), special))
 
 
 def joined(pieces):
@@ -34,9 +47,8 @@ def test_rounds_give_each_request_its_one_shot_decode(row_frames_per_call, pcm, 
     # On a GPU the one-shot and the streaming decode run different convolution algorithms (TF32 by default).
     tolerance = 1e-5 if device == "cpu" else 2e-3
     a, b, c = Work("a"), Work("b"), Work("c")
-    got, kept = {}, {a: [], b: [], c: []}
-    audio = RowAudio(codec, 3, lambda w, pieces, special: got.setdefault(w, (joined(pieces), special)),
-                     row_frames_per_call=row_frames_per_call, pcm16=pcm)
+    collect, kept = Collect(), {a: [], b: [], c: []}
+    audio = RowAudio(codec, 3, collect.on_piece, row_frames_per_call=row_frames_per_call, pcm16=pcm)
     # (row, work, kept, goes_on) per round of 4 frames; slot 2 stays idle (zeros), rows 0..1 run.
     rounds = [
         ([(0, a, 4, True), (1, b, 4, True)], {0, 1}),
@@ -56,8 +68,9 @@ def test_rounds_give_each_request_its_one_shot_decode(row_frames_per_call, pcm, 
         audio.round(frames, rows, fresh)
         for row, work, n, goes_on in rows:
             if not goes_on:
-                audio.finish(work)
+                audio.end(work, collect.ender(work))
     audio.close()
+    got = collect.ended
     for work, special in [(a, 1), (b, 0), (c, 0)]:
         codes = torch.from_numpy(np.concatenate(kept[work]))
         codes[codes >= 2048] = 0
@@ -75,23 +88,25 @@ def test_rounds_give_each_request_its_one_shot_decode(row_frames_per_call, pcm, 
 def test_discarded_and_empty_requests():
     codec = MimiCodec.random("tiny", seed=3)
     a, b = Work("a"), Work("b")
-    got = {}
-    audio = RowAudio(codec, 2, lambda w, pieces, special: got.setdefault(w, pieces))
+    collect = Collect()
+    audio = RowAudio(codec, 2, collect.on_piece)
     audio.round(random_frames(2, 2, seed=0), [(0, a, 2, True), (1, b, 0, False)], {0, 1})
-    audio.discard(a)  # failed later: its audio is dropped
-    audio.finish(b)  # ended on its first frame: no audio
+    audio.end(b, collect.ender(b))  # ended on its first frame: no audio, and its end still comes
+    audio.sync()
+    assert list(collect.pieces) == [a] and len(collect.pieces[a][0]) == 2 * FRAME
+    assert collect.ended[b][0].numel() == 0 and collect.ended[b][1] == 0
     audio.close()
-    assert list(got) == [b] and got[b] == []
-    assert audio.pieces == {}
 
 
 def test_an_error_in_the_thread_reaches_the_caller():
     codec = MimiCodec.random("tiny", seed=3)
 
-    def broken(work, samples, special):
+    def broken(work, samples):
         raise RuntimeError("disk on fire")
 
     audio = RowAudio(codec, 1, broken)
-    audio.finish(Work("a"))
+    audio.round(random_frames(1, 1, seed=0), [(0, Work("a"), 1, False)], {0})
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        audio.sync()
     with pytest.raises(RuntimeError, match="disk on fire"):
         audio.close()

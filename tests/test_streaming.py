@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from seseme_cli.cli import main as cli
 from seseme_cli.audio.codec import MimiCodec
-from seseme_cli.errors import InputError
+from seseme_cli.errors import InputError, SesemeError
 from seseme_cli.api import load_csm_1b_optimized
 from seseme_cli.ops.kernels import has_cuda_kernels
-from seseme_cli.speech.longform import Turn
+from seseme_cli.speech.request import Turn
 from seseme_cli.audio.files import pcm16, wav_header
 from seseme_cli.audio.stream import FileSink, PipeSink, StreamDecoder, decode_codes
 
@@ -153,13 +153,12 @@ def test_stream_chunks_small_first_then_regular_and_equal_generate(tts):
     assert (streamed - full).abs().max() <= 1e-5 * full.abs().max()
 
 
-def test_stream_generation_from_a_prebuilt_prompt(tts):
-    # What `seseme bench` times for time to first audio: an exact prompt, the first chunk one frame.
-    from seseme_cli.speech.longform import Generation
-    from seseme_cli.audio.stream import stream_generation
+def test_stream_request_from_a_prebuilt_request(tts):
+    # What `seseme bench` times for time to first audio: one SpeechRequest, the first chunk one frame.
+    from seseme_cli.speech.request import SpeechRequest
 
-    tokens, mask = tts.build_prompt("Hello there.", 0)
-    chunks = list(stream_generation(tts, Generation(tokens, mask, max_frames=10, seed=3), chunk_frames=4))
+    request = SpeechRequest.make("Hello there.", max_audio_ms=800, seed=3)
+    chunks = list(tts.stream_request(request, chunk_frames=4))
     assert [len(c) // FRAME for c in chunks] == [1, 4, 4, 1]
     codes_ = tts.generate_codes("Hello there.", max_audio_length_ms=800, seed=3)
     torch.testing.assert_close(torch.cat(chunks), tts.decode(codes_), rtol=0, atol=1e-5)
@@ -193,43 +192,49 @@ def test_errors_in_the_generation_thread_reach_the_caller(tts):
     assert not tts.codec.model.is_streaming
 
 
-def test_generation_waits_for_the_first_decode_then_overlaps_decoding(tts, monkeypatch):
-    # The first chunk is decoded with the GPU and the GIL to itself (time to first audio); from then on, while
-    # this thread decodes a chunk (made slow here), the worker goes on generating the next ones.
-    import seseme_cli.audio.stream as streaming
+def test_a_slow_decoder_does_not_hold_up_generation(tts, monkeypatch):
+    # Decoding runs in the engine's audio thread: while it decodes a round (made slow here), the engine loop goes
+    # on generating; the audio is the same.
+    from seseme_cli.audio.rows import RowAudio
 
-    produced, decoded = [], []
-    generation_codes, decode = tts.generation_codes, streaming.StreamDecoder.decode
+    decode_round, done_at = RowAudio._round, []
 
-    def timed_generation(*args, **kwargs):
-        for chunk in generation_codes(*args, **kwargs):
-            produced.append(time.perf_counter())
-            yield chunk
+    def slow_round(self, *args):
+        time.sleep(0.3)
+        decode_round(self, *args)
+        done_at.append(time.perf_counter())
 
-    def slow_decode(self, c):
-        time.sleep(0.5)
-        decoded.append(time.perf_counter())
-        return decode(self, c)
+    expected = tts.generate("Hello there.", max_audio_length_ms=640, seed=1)
+    monkeypatch.setattr(RowAudio, "_round", slow_round)
+    started = time.perf_counter()
+    codes_done = []
+    stream = tts.stream("Hello there.", max_audio_length_ms=640, seed=1, chunk_frames=2)
+    audio = []
+    for chunk in stream:
+        audio.append(chunk)
+        if tts._loop.stats.frames >= 8 and not codes_done:
+            codes_done.append(time.perf_counter())
+    audio = torch.cat(audio)
+    assert (audio - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert len(done_at) >= 3
+    # all 8 frames were generated before the third of the (slow) decode rounds was done
+    assert codes_done and codes_done[0] < done_at[2] + 0.05, (codes_done, [t - started for t in done_at])
 
-    monkeypatch.setattr(tts, "generation_codes", timed_generation)
-    monkeypatch.setattr(streaming.StreamDecoder, "decode", slow_decode)
-    chunks = list(tts.stream("Hello there.", max_audio_length_ms=640, seed=1, chunk_frames=2))
-    assert [len(c) // FRAME for c in chunks] == [1, 2, 2, 2, 1]
-    assert produced[1] > decoded[0]  # chunk 2 waited for chunk 1's decode
-    assert sum(t < decoded[1] for t in produced) >= 3  # chunk 3 was generated while chunk 2 was decoded
 
+def test_a_failed_decode_reaches_the_caller_and_frees_the_stream(tts, monkeypatch):
+    from seseme_cli.audio.rows import RowAudio
 
-def test_a_failed_first_decode_releases_the_waiting_worker(tts, monkeypatch):
-    import seseme_cli.audio.stream as streaming
-
-    def broken_decode(self, c):
+    def broken_round(self, *args):
         raise RuntimeError("decode broke")
 
-    monkeypatch.setattr(streaming.StreamDecoder, "decode", broken_decode)
-    with pytest.raises(RuntimeError, match="decode broke"):
+    tts.close()  # a new audio thread that runs the broken decode
+    monkeypatch.setattr(RowAudio, "_round", broken_round)
+    with pytest.raises(SesemeError, match="decode broke"):
         list(tts.stream("Hello there.", max_audio_length_ms=8000, seed=1))
     assert not any(t.name == "seseme-generate" for t in threading.enumerate())
-    assert not tts.codec.model.is_streaming
+    monkeypatch.undo()
+    tts.close()
+    assert tts.generate("Hi.", max_audio_length_ms=160, seed=1).numel() > 0  # the next request runs normally
 
 
 # --- sinks ---------------------------------------------------------------------------------------------------

@@ -142,6 +142,9 @@ class CSM:
         return SpeechEngine(self, **options)
 
     def _api_loop(self, first_chunk_frames: int = 1, chunk_frames: int = 8):
+        if self._loop is not None and self._loop.broken:  # a failed decode ended its requests; start afresh
+            self._loop.close()
+            self._loop = None
         if self._loop is None:
             self._loop = self.speech_engine()
         self._loop.first_chunk_frames, self._loop.chunk_frames = first_chunk_frames, chunk_frames

@@ -93,6 +93,7 @@ class SpeechEngine:
         self.waiting: collections.deque[RequestHandle] = collections.deque()
         self._arrivals: list[RequestHandle] = []
         self._aborts: list[RequestHandle] = []
+        self._live: set[RequestHandle] = set()  # every handle not known to be over (fail_all ends them)
         self._lock = threading.Lock()
         self.wakeup = threading.Event()  # set by add_request/abort, for a thread that waits while idle
         self._pending: dict[int, tuple] = {}  # row -> prefill request, flushed right before the next frame
@@ -131,6 +132,9 @@ class SpeechEngine:
             if self.max_waiting is not None and len(self.waiting) + len(self._arrivals) >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are already waiting")
             self._arrivals.append(handle)
+            if len(self._live) > 4 * self.B + 64:
+                self._live = {h for h in self._live if not h.done}
+            self._live.add(handle)
         self.wakeup.set()
         return handle
 
@@ -165,11 +169,9 @@ class SpeechEngine:
             raise
 
     def fail_all(self, error: str) -> None:
-        """End every request in the engine as failed (after a crash: no handle may wait forever)."""
+        """End every request not over yet as failed (after a crash: no handle may wait forever)."""
         with self._lock:
-            handles = [*self._arrivals, *self.waiting, *(r.handle for r in self.rows if r is not None),
-                       *(ending[0].handle for ending in self._endings)]
-            self._arrivals = []
+            handles, self._live, self._arrivals = list(self._live), set(), []
         self.waiting.clear()
         self.rows = [None] * self.B
         self._endings, self._inflight = [], collections.deque()
@@ -197,7 +199,11 @@ class SpeechEngine:
             if on_step is not None:
                 on_step(out)
         if self.audio is not None:
-            self.audio.sync()
+            try:
+                self.audio.sync()
+            except BaseException as e:
+                self.fail_all(f"the audio decoder failed: {type(e).__name__}: {e}")
+                raise
 
     def run_forever(self, stop: threading.Event, on_step=None) -> None:
         """Step while there is work, sleep while there is none, until `stop` is set (then drain and return)."""
@@ -210,8 +216,18 @@ class SpeechEngine:
             if on_step is not None:
                 on_step(out)
 
+    @property
+    def broken(self) -> bool:
+        """The audio thread died (its error failed every request): this loop cannot run again."""
+        return self.audio is not None and self.audio.error is not None
+
     def close(self) -> None:
         """Abort what is left and stop the audio thread."""
+        if self.broken:
+            self.fail_all(f"the audio decoder failed: {self.audio.error}")
+            self.audio.items.put(None)
+            self.audio.thread.join()
+            return
         with self._lock:
             left = [*self._arrivals, *self.waiting, *(r.handle for r in self.rows if r is not None)]
         for handle in left:

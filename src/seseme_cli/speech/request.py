@@ -37,12 +37,12 @@ def _integer(value, what: str, minimum: int = 0, maximum: int | None = None) -> 
     return value
 
 
-def _number(value, what: str, minimum: float, inclusive: bool = True) -> float:
+def _number(value, what: str, minimum: float, unit: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise InputError(f"{what} must be a number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value) or value < minimum or (not inclusive and value == minimum):
-        raise InputError(f"{what} must be a finite number {'>=' if inclusive else '>'} {minimum:g}, got {value}")
+    if not math.isfinite(value) or value < minimum:
+        raise InputError(f"{what} must be >= {minimum:g}{unit} (and finite), got {value:g}")
     return value
 
 
@@ -150,8 +150,8 @@ class SpeechRequest:
             if not isinstance(turn, (Segment, Turn)):
                 raise InputError(f"context[{i}] must be a Segment or a Turn, got {type(turn).__name__}")
         object.__setattr__(self, "context", tuple(self.context))
-        object.__setattr__(self, "max_audio_ms", _number(self.max_audio_ms, "max audio length (ms)", FRAME_MS))
-        object.__setattr__(self, "chunk_ms", _number(self.chunk_ms, "chunk length (ms)", MIN_CHUNK_MS))
+        object.__setattr__(self, "max_audio_ms", _number(self.max_audio_ms, "max_audio_ms", FRAME_MS, " (one frame)"))
+        object.__setattr__(self, "chunk_ms", _number(self.chunk_ms, "chunk_ms", MIN_CHUNK_MS, " (two frames)"))
 
     @classmethod
     def make(cls, text, speaker=0, context=(), max_audio_ms=DEFAULT_MAX_AUDIO_MS, temperature=DEFAULT_TEMPERATURE,

@@ -1,0 +1,157 @@
+"""The engine loop (add_request / step / abort) on the tiny random model on the CPU: continuous batching, aborts,
+failures that stay with their request, decoded audio per request, and the same codes through every front end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from seseme_cli.cli import main as cli
+from seseme_cli.engine.handle import ABORTED, FAILED, FINISHED
+from seseme_cli.engine.loop import QueueFull
+from seseme_cli.errors import InputError
+from seseme_cli.speech.request import SpeechRequest, Turn
+
+K = 32
+PARAGRAPHS = ("The first paragraph has a few sentences. It goes on for a while, as paragraphs do. "
+              "Then the second one starts here. It also says a thing or two, and ends.")
+
+
+def req(text, ms, seed):
+    return SpeechRequest.make(text, 0, max_audio_ms=ms, seed=seed)
+
+
+def engine_for(tts, batch, **options):
+    return tts.speech_engine(batch, decode_audio=options.pop("decode_audio", False), **options)
+
+
+def codes_alone(tts, request):
+    engine = engine_for(tts, 1)
+    handle = engine.add_request(request)
+    engine.drain()
+    engine.close()
+    return handle.codes
+
+
+def test_finished_rows_are_refilled_at_once_and_batching_does_not_change_results(tts):
+    requests = [req("A long one.", 1600, 1), req("Short.", 160, 2), req("Short too.", 240, 3), req("And short.", 160, 4)]
+    engine = engine_for(tts, 2)
+    handles = [engine.add_request(r) for r in requests]
+    order = []
+    engine.drain(lambda out: order.extend(handles.index(h) for h in out.finished))
+    engine.close()
+    # Requests 1..3 went through row 1 while request 0 was still generating on row 0.
+    assert order == [1, 2, 3, 0]
+    assert [h.codes.shape[0] for h in handles] == [20, 2, 3, 2]  # random weights never stop: each runs to its limit
+    for request, handle in zip(requests, handles):  # each row samples with its own seed and counters
+        assert torch.equal(handle.codes, codes_alone(tts, request))
+
+
+def test_requests_join_mid_flight_and_an_abort_leaves_the_others_unchanged(tts):
+    a, b, c = req("First voice here.", 1200, 11), req("Second voice here.", 1200, 12), req("Third one.", 800, 13)
+    engine = engine_for(tts, 4)
+    ha = engine.add_request(a)
+    for _ in range(3):
+        engine.step()
+    hb = engine.add_request(b)  # joins while a generates
+    hx = engine.add_request(req("To be aborted.", 4000, 14))
+    for _ in range(4):
+        engine.step()
+    assert hx.frames > 0 and not hx.done
+    engine.abort(hx)
+    out = engine.step()
+    assert hx.status == ABORTED and hx in out.finished or hx.done
+    assert engine.active_rows == 2  # the aborted row is free at once
+    hc = engine.add_request(c)  # takes a free row
+    engine.drain()
+    engine.close()
+    assert hx.status == ABORTED and hx.codes is None
+    assert [h.status for h in (ha, hb, hc)] == [FINISHED] * 3
+    for request, handle in ((a, ha), (b, hb), (c, hc)):
+        assert torch.equal(handle.codes, codes_alone(tts, request))
+
+
+def test_abort_of_a_waiting_request_and_the_waiting_limit(tts):
+    engine = engine_for(tts, 1, max_waiting=2)
+    running = engine.add_request(req("Running.", 800, 1))
+    engine.step()
+    waiting = engine.add_request(req("Waiting.", 800, 2))
+    engine.add_request(req("Also waiting.", 800, 3))
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        engine.add_request(req("One too many.", 800, 4))
+    engine.abort(waiting)
+    engine.step()
+    assert waiting.status == ABORTED and waiting.frames == 0
+    engine.drain()
+    engine.close()
+    assert running.status == FINISHED
+
+
+def test_a_bad_request_fails_alone(tts):
+    huge = Turn(1, "Too long.", torch.randint(1, 2048, (2100, K)))  # more frames than the context window
+    engine = engine_for(tts, 2)
+    good = engine.add_request(req("Fine.", 400, 1))
+    bad = engine.add_request(SpeechRequest.make("Hello.", 0, [huge], seed=2))
+    engine.drain()
+    engine.close()
+    assert good.status == FINISHED and good.codes.shape[0] == 5
+    assert bad.status == FAILED and "context window" in bad.error
+    with pytest.raises(InputError, match="context window"):
+        bad.raise_for_status()
+
+
+def test_idle_rows_are_parked_before_they_run_out_of_cache(tts):
+    # A long generation on row 2 runs rows 0..3 (bucket 4): rows 0, 1 and 3 sit idle and advance too, so they
+    # must be re-parked before their positions pass the end of the KV cache (made short here).
+    engine = engine_for(tts, 4)
+    engine.window = 16
+    handles = [engine.add_request(r) for r in (req("One.", 80, 1), req("Two.", 80, 2), req("Three is long.", 3200, 3))]
+    idle = []
+    engine.drain(lambda out: idle.extend(engine.positions[r] for r in (0, 1, 3)))
+    engine.close()
+    assert [h.status for h in handles] == [FINISHED] * 3 and handles[2].codes.shape[0] == 40
+    assert idle and max(idle) <= 16  # without parking they would reach 40
+
+
+def test_each_request_gets_its_own_audio_while_rows_are_refilled(tts):
+    # Short requests and a long-form one share two rows; every request's decoded audio equals a one-shot decode
+    # of its codes (audio slots start over for a new request and go on across a long text's chunks).
+    requests = [req("Short.", 240, 1), req(PARAGRAPHS, 160, 2), req("Another short one.", 400, 3), req("Last.", 160, 4)]
+    engine = engine_for(tts, 2, decode_audio=True)
+    handles = [engine.add_request(r) for r in requests]
+    engine.drain()
+    engine.close()
+    assert handles[1].chunks_total > 1 and handles[1].codes.shape[0] == 2 * handles[1].chunks_total  # in chunks
+    for handle in handles:
+        codes = handle.codes.masked_fill(handle.codes >= 2048, 0)  # specials decode as code 0
+        full = tts.codec.decode(codes.T).cpu()
+        samples = torch.from_numpy(handle.audio())
+        assert samples.shape == full.shape and (samples - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def test_say_batch_and_the_api_give_the_same_codes(tts, tmp_path):
+    text, seed, ms = "The same request three ways.", 9, 640
+    api = tts.generate_codes(text, 0, max_audio_length_ms=ms, seed=seed)
+    result = CliRunner().invoke(cli.app, ["say", text, "-o", str(tmp_path / "say.wav"), "--codes",
+                                          str(tmp_path / "say.npy"), "--model", "tiny-random", "--device", "cpu",
+                                          "--max-audio-ms", str(ms), "--seed", str(seed)])
+    assert result.exit_code == 0, result.output
+    lines = [{"id": "other", "text": "Something else entirely.", "max_audio_ms": 1200, "seed": 1},
+             {"id": "same", "text": text, "max_audio_ms": ms, "seed": seed}]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = CliRunner().invoke(cli.app, ["batch", str(src), "-o", str(tmp_path / "out"), "--model", "tiny-random",
+                                          "--device", "cpu", "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    import soundfile as sf
+
+    said = np.load(tmp_path / "say.npy")
+    assert np.array_equal(said, api.numpy())
+    # batch writes audio, not codes: the same codes decode to the same samples as say's file, up to one 16-bit step
+    # (Mimi decodes it in a batch of several slots there; other codes would differ everywhere)
+    a, _ = sf.read(tmp_path / "say.wav", dtype="int16")
+    b, _ = sf.read(tmp_path / "out" / "same.wav", dtype="int16")
+    assert a.shape == b.shape == (said.shape[0] * 1920,)
+    assert np.abs(a.astype(np.int32) - b).max() <= 1
