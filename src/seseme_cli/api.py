@@ -150,6 +150,11 @@ class CSM:
         self._loop.first_chunk_frames, self._loop.chunk_frames = first_chunk_frames, chunk_frames
         return self._loop
 
+    def prepare(self) -> None:
+        """Build now what the first request would otherwise wait for: the batch-1 engine, its CUDA graph, the
+        audio decoder and its graphs (`say` does this while loading, so first audio is not set-up time)."""
+        self._api_loop()
+
     def close(self) -> None:
         if self._loop is not None:
             self._loop.close()
@@ -199,7 +204,7 @@ class CSM:
 
     def _stream_codes(self, request: SpeechRequest, chunk_frames: int, first_chunk_frames: int):
         loop = self._api_loop()
-        handle = loop.add_request(request, keep_audio=False)
+        handle = loop.add_request(request, keep_audio=False, low_latency=True)
         pending, size = [], first_chunk_frames
         try:
             while loop.has_work():
@@ -229,7 +234,7 @@ class CSM:
     def stream_request(self, request: SpeechRequest, first_chunk_frames: int = 1, chunk_frames: int = 8):
         """`stream` for a prebuilt request (e.g. a benchmark's exact one)."""
         loop = self._api_loop(first_chunk_frames, chunk_frames)
-        return self._stream_audio(loop, loop.add_request(request, keep_audio=False))
+        return self._stream_audio(loop, loop.add_request(request, keep_audio=False, low_latency=True))
 
     def _stream_audio(self, loop, handle):
         errors: list[BaseException] = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import queue
 import threading
 
@@ -27,7 +28,10 @@ import torch
 
 from seseme_cli.audio.files import pcm16_on_device
 
-ROW_FRAMES_PER_CALL = 2048  # slots x frames per Mimi call (activation memory: ~2.4 MB each on the H100, ~5 GB)
+log = logging.getLogger("seseme")
+
+ROW_FRAMES_PER_CALL = 2048  # slots x frames per eager Mimi call (activation memory: ~2.4 MB each on the H100, ~5 GB)
+GRAPH_MAX_FRAMES = 32  # rounds up to this long replay the one-frame graph; longer ones decode in eager calls
 
 
 class RowAudio:
@@ -41,7 +45,9 @@ class RowAudio:
     def __init__(self, codec, slots: int, on_piece, row_frames_per_call: int = ROW_FRAMES_PER_CALL,
                  pcm16: bool = False):
         self.codec, self.slots, self.on_piece, self.pcm16 = codec, slots, on_piece, pcm16
-        self.frames_per_call = max(1, row_frames_per_call // slots)
+        # Rounds of the engine loop are a few frames: warming up (and sizing calls) for more only costs memory.
+        self.frames_per_call = max(1, min(row_frames_per_call // slots, GRAPH_MAX_FRAMES))
+        self.graphed = False  # set by the thread: the one-frame decode is a CUDA graph
         self.items: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.special: dict[int, int] = {}  # id(work) -> special ids so far (the thread's)
@@ -143,7 +149,18 @@ class RowAudio:
             decode(torch.zeros(self.slots, codec.num_codebooks, self.frames_per_call, dtype=torch.long,
                                device=codec.device), None, None)
             model.reset_streaming()
-            yield decode
+            graphed = _GraphedDecode.capture(model, states, self.slots, codec.num_codebooks, stream)
+            self.graphed = graphed is not None
+            if graphed is None:
+                yield decode
+                return
+
+            def decode_graphed(codes, reset, run):
+                if codes.shape[-1] > GRAPH_MAX_FRAMES:  # a long round: one eager call beats many replays
+                    return decode(codes, reset, run)
+                return graphed.decode(codes, reset, run)
+
+            yield decode_graphed
 
     def _round(self, decode, frames: np.ndarray, rows, fresh: set[int]) -> None:
         k, n, K = frames.shape
@@ -186,6 +203,64 @@ class RowAudio:
         for row, work, kept, _ in rows:
             if kept:  # a copy: a view would keep the whole round's audio alive as long as any of its requests
                 self.on_piece(work, audio[row, : kept * size].copy())
+
+
+class _GraphedDecode:
+    """One frame of the batched streaming decode, and the masked reset, as two CUDA graphs over the slots' state:
+    an eager decode is hundreds of small kernels launched from Python (milliseconds of host time holding the GIL
+    the engine loop needs), a replay is one launch. Right only because every state update on this path is in
+    place (audio.stream's docstring lists them for moshi 0.2.13); a model with replicate padding stays eager."""
+
+    def __init__(self, model, states, slots: int, num_codebooks: int, stream):
+        device = stream.device
+        self.codes = torch.zeros(slots, num_codebooks, 1, dtype=torch.long, device=device)
+        self.run = torch.ones(slots, dtype=torch.bool, device=device)
+        self.reset_mask = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.frame, self.reset = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        # thread_local: the engine thread launches its own graphs meanwhile
+        with torch.cuda.graph(self.frame, stream=stream, capture_error_mode="thread_local"):
+            for state in states:
+                state.exec_mask.copy_(self.run)
+            self.audio = model.decode(self.codes)[:, 0]
+            for state in states:
+                state.exec_mask.fill_(True)
+        with torch.cuda.graph(self.reset, pool=self.frame.pool(), stream=stream, capture_error_mode="thread_local"):
+            model.reset_streaming(self.reset_mask)
+
+    @classmethod
+    def capture(cls, model, states, slots: int, num_codebooks: int, stream):
+        """The graphs, or None on a CPU or when capture fails (said once)."""
+        if stream is None:
+            return None
+        from moshi.modules.conv import StreamingConv1d
+
+        if any(isinstance(m, StreamingConv1d) and m.pad_mode == "replicate" for m in model.decoder.modules()):
+            return None
+        try:
+            model.decode(torch.zeros(slots, num_codebooks, 1, dtype=torch.long, device=stream.device))  # warm-up
+            graphed = cls(model, states, slots, num_codebooks, stream)
+        except RuntimeError as e:  # torch's capture errors, out of memory
+            log.warning("Mimi decodes the batch rows eagerly (no CUDA graph): %s", str(e).splitlines()[0])
+            return None
+        finally:
+            model.reset_streaming()  # the warm-up fed one frame to every slot
+        return graphed
+
+    def decode(self, codes, reset, run):
+        if reset is not None:
+            self.reset_mask.copy_(reset)
+            self.reset.replay()
+        if run is not None:
+            self.run.copy_(run)
+        size = self.audio.shape[-1]
+        out = torch.empty(codes.shape[0], codes.shape[-1] * size, device=codes.device)
+        for i in range(codes.shape[-1]):
+            self.codes.copy_(codes[:, :, i : i + 1])
+            self.frame.replay()
+            out[:, i * size : (i + 1) * size].copy_(self.audio)
+        if run is not None:
+            self.run.fill_(True)
+        return out
 
 
 def _sharing_weights(model):

@@ -33,6 +33,7 @@ from seseme_cli.speech.request import DEFAULT_CHUNK_MS as CHUNK_MS, SpeechReques
 
 # Mimi's rate; context audio is read at it before the model (and so its codec) is loaded.
 SAMPLE_RATE = 24_000
+COMMAND_STARTED = time.perf_counter()  # "from the start" in say's report (this module loads first)
 
 app = typer.Typer(
     help="seseme: fast text-to-speech with Sesame's CSM-1B.",
@@ -200,13 +201,13 @@ def load_model(model: str, device_name: str):
 
 def _say_stream(tts, output: Path, codes_path: Path | None, request):
     """Write the audio while it is generated: into a temp file renamed at the end, or as a WAV stream on
-    stdout. Returns (codes, audio seconds, seconds to the first audio)."""
-    started, first = time.perf_counter(), None
+    stdout. Returns (codes, audio seconds, time of the first audio)."""
+    first = None
     sink = streaming.open_sink(output, SAMPLE_RATE)
     try:
         with err.status("generating...") as status, contextlib.closing(tts.stream_request(request)) as chunks:
             for chunk in chunks:
-                first = first if first is not None else time.perf_counter() - started
+                first = first if first is not None else time.perf_counter()
                 sink.write(chunk)
                 status.update(f"streaming: {sink.samples / SAMPLE_RATE:.1f} s of audio written...")
         write_outputs(output, sink.commit, tts.last_codes, codes_path)
@@ -255,6 +256,10 @@ def say(
         segments = load_context(context or [])
         request = SpeechRequest.make(words, speaker, segments, max_audio_ms, temperature, topk, seed, chunk_ms)
         tts = load_model(model, device_name)
+        with err.status("preparing the engine (caches, CUDA graphs, decoder)..."):
+            tts.prepare()
+        ready = time.perf_counter()
+        err.print(f"ready {ready - COMMAND_STARTED:.2f} s after the command started", style="dim", markup=False)
 
         started, first = time.perf_counter(), None
         if stream or to_stdout:
@@ -273,7 +278,8 @@ def say(
     report.print(
         f"wrote {'a WAV stream to standard output' if to_stdout else output}: {seconds:.2f} s of audio "
         f"({frames.shape[0]} frames of {FRAME_MS} ms) in {wall:.2f} s, real-time factor {seconds / wall:.2f}"
-        + (f", first audio after {first:.2f} s" if first is not None else "")
+        + (f", first audio {(first - ready) * 1000:.0f} ms after the model was ready "
+           f"({first - COMMAND_STARTED:.2f} s after the command started)" if first is not None else "")
         + (f"; codes in {codes}" if codes else ""),
         markup=False,
     )

@@ -51,6 +51,7 @@ class RequestHandle:
         self.first_audio: float | None = None
         self.ended: float | None = None
         self.abort_requested = False
+        self.low_latency = False  # a listener waits for its first audio (engine.loop: no lag, a small first chunk)
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
 

@@ -108,7 +108,6 @@ class SpeechEngine:
         self.audio = None
         self._slots_free: list[int] = []
         self._endings: list[tuple] = []  # (state, status, error, exception): over, waiting for their last audio round
-        self._since_audio = 0
         if decode_audio:
             from seseme_cli.audio.rows import RowAudio
 
@@ -123,11 +122,14 @@ class SpeechEngine:
     # --- the public interface ----------------------------------------------------------------------------------
 
     def add_request(self, request: SpeechRequest, request_id: str | None = None, on_event=None,
-                    keep_audio: bool = True) -> RequestHandle:
-        """Queue a request; thread-safe. Raises QueueFull when `max_waiting` requests are already waiting."""
+                    keep_audio: bool = True, low_latency: bool = False) -> RequestHandle:
+        """Queue a request; thread-safe. Raises QueueFull when `max_waiting` requests are already waiting.
+        `low_latency`: someone is listening (a stream): its first frame is read without the one-frame lag and
+        decoded at once, in a small first chunk; otherwise its audio goes out with the regular rounds."""
         if not isinstance(request, SpeechRequest):
             raise InputError(f"add_request takes a SpeechRequest, got {type(request).__name__}")
         handle = RequestHandle(request, request_id, on_event, keep_audio)
+        handle.low_latency = low_latency
         with self._lock:
             if self.max_waiting is not None and len(self.waiting) + len(self._arrivals) >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are already waiting")
@@ -185,7 +187,9 @@ class SpeechEngine:
         busy = [r for r in range(self.B) if self.rows[r] is not None]
         if busy:
             self._launch(busy)
-        if self._inflight and (len(self._inflight) > 1 or not busy):
+        # A listener waiting for its first frame gets it now, not one frame later (time to first audio).
+        waiting_first = any(self.rows[r].handle.low_latency and self.rows[r].handle.frames == 0 for r in busy)
+        while self._inflight and (len(self._inflight) > 1 or not busy or waiting_first):
             self._process(self._inflight.popleft(), out)
         idle = not any(self.rows) and not self._inflight
         self._audio_round(force=idle)
@@ -369,10 +373,12 @@ class SpeechEngine:
     def _audio_round(self, force: bool) -> None:
         if self.audio is None:
             return
-        self._since_audio += 1
         active = [r for r in self.rows if r is not None]
-        first = any(not r.audio_started and len(r.audio) >= self.first_chunk_frames for r in active)
-        if not (force or first or self._since_audio >= self.chunk_frames):
+        first = any(r.handle.low_latency and not r.audio_started and len(r.audio) >= self.first_chunk_frames
+                    for r in active)
+        # Every row's pending frames go in each round: rounds come every chunk_frames frames, whatever the rows' phases.
+        due = any(len(r.audio) >= self.chunk_frames for r in active) or len(self._endings) >= self.B
+        if not (force or first or due):
             return
         ending = self._endings
         rows = [(state, True) for state in active] + [(ending[0], False) for ending in ending]
@@ -395,7 +401,6 @@ class SpeechEngine:
             self.audio.end(state, self._finisher(state, status, error, exception))
             self._slots_free.append(state.slot)
         self._endings = []
-        self._since_audio = 0
 
     def _on_piece(self, state: _Row, samples: np.ndarray) -> None:
         if not state.handle.done:
