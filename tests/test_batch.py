@@ -102,7 +102,7 @@ def test_a_bad_field_keeps_the_id_and_a_byte_order_mark_is_not_text(tmp_path):
 def test_output_names_escapes_and_duplicates(tmp_path):
     reqs = [Request(1, id="a"), Request(2), Request(3, out="sub/x.ogg"), Request(4, out="../x.wav"),
             Request(5, out="/tmp/x.wav"), Request(6, out="sub/../dup.flac"), Request(7, id="dup"),
-            Request(8, out="x.mp3"), Request(9, out=".")]
+            Request(8, out="x.aac"), Request(9, out=".")]
     plan_outputs(reqs, tmp_path, "flac")
     root = tmp_path.resolve()
     assert reqs[0].output == root / "a.flac" and reqs[1].output == root / "2.flac"

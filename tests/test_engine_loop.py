@@ -142,7 +142,7 @@ def test_say_batch_and_the_api_give_the_same_codes(tts, tmp_path):
              {"id": "same", "text": text, "max_audio_ms": ms, "seed": seed}]
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    result = CliRunner().invoke(cli.app, ["batch", str(src), "-o", str(tmp_path / "out"), "--model", "tiny-random",
+    result = CliRunner().invoke(cli.app, ["batch", str(src), "--out-dir", str(tmp_path / "out"), "--model", "tiny-random",
                                           "--device", "cpu", "--batch-size", "2"])
     assert result.exit_code == 0, result.output
     import soundfile as sf

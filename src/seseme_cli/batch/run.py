@@ -6,6 +6,7 @@ manifest record. The frame loop never waits for decoding, file creation or encod
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +20,7 @@ from seseme_cli.batch.manifest import Manifest, Request
 from seseme_cli.engine.handle import FINISHED
 from seseme_cli.engine.loop import Stats
 from seseme_cli.errors import SesemeError
+from seseme_cli.speech.longform import CHARS_PER_SECOND, max_chunk_chars
 from seseme_cli.speech.request import Turn
 
 RESERVE_BYTES = 8 << 30  # GPU memory left for Mimi (~5 GB per decode call), context encoding and the allocator
@@ -169,6 +171,23 @@ def all_wav(requests: list[Request]) -> bool:
     return all(r.output.suffix.lower() == ".wav" for r in requests)
 
 
+# --- order -----------------------------------------------------------------------------------------------------
+
+def expected_ms(req: Request) -> float:
+    """A guess of how long a request will speak: its text at a slow speaking rate, at most what its limits allow
+    (each chunk at most min(max_audio_ms, chunk_ms))."""
+    speech = req.speech
+    chunks = math.ceil(len(speech.text) / max_chunk_chars(speech.chunk_ms))
+    bound = chunks * min(speech.max_audio_ms, speech.chunk_ms) if chunks > 1 else speech.max_audio_ms
+    return min(1.5 * len(speech.text) / CHARS_PER_SECOND * 1000, bound)
+
+
+def longest_first(requests: list[Request]) -> list[Request]:
+    """The longest requests start first, so that the batch does not end with a few long ones running on an
+    otherwise empty GPU (longest-processing-time-first scheduling; the manifest keeps each line's number)."""
+    return sorted(requests, key=expected_ms, reverse=True)
+
+
 # --- the run ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -239,7 +258,7 @@ class BatchRun:
         self.stats = engine.stats
         self.stats.started = time.perf_counter()
         self.tally.setup_s = self.stats.started - started
-        source = iter(requests)
+        source = iter(longest_first(requests))
         reported = 0.0
         try:
             while True:

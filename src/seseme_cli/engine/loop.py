@@ -22,6 +22,7 @@ bucket run too; they are re-parked on a one-frame prompt before they could pass 
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from seseme_cli.speech.prompt import PromptBuilder
 from seseme_cli.speech.request import SpeechRequest
 
 CHUNK_FRAMES = 8  # frames per audio round once every request has its first audio
+ADMIT_EVERY = 4  # steps a request nobody listens to may wait so that admissions share one prefill
 
 
 class QueueFull(SesemeError):
@@ -97,6 +99,7 @@ class SpeechEngine:
         self._lock = threading.Lock()
         self.wakeup = threading.Event()  # set by add_request/abort, for a thread that waits while idle
         self._pending: dict[int, tuple] = {}  # row -> prefill request, flushed right before the next frame
+        self._admit_wait = 0  # steps the waiting requests have had free rows but no prefill
         pinned = self.runner.device.type == "cuda"
         self._pinned = pinned
         self._host = [torch.zeros(self.B, self.K, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
@@ -262,8 +265,23 @@ class SpeechEngine:
                 self._end_request(row, state, ABORTED, "aborted")
                 return
 
+    def _admit_now(self, free: list[int]) -> bool:
+        """Whether to prefill waiting requests this step. A prefill is one eager pass whose host cost hardly
+        depends on how many prompts it holds, and the frame waits for it: so requests nobody listens to are
+        gathered for up to ADMIT_EVERY steps (or until a good share of the rows is free), while a listener's
+        request, or any request into an idle engine, goes in at once."""
+        if not self.waiting or not free:
+            self._admit_wait = 0
+            return False
+        self._admit_wait += 1
+        return (len(free) == self.B or self._admit_wait >= ADMIT_EVERY or len(free) >= max(1, self.B // 8)
+                or any(h.low_latency for h in itertools.islice(self.waiting, len(free))))
+
     def _admit(self, out: StepOutput) -> None:
         free = [r for r in range(self.B) if self.rows[r] is None]
+        if not self._admit_now(free):
+            return
+        self._admit_wait = 0
         while self.waiting and free and (self.audio is None or self._slots_free):
             handle = self.waiting.popleft()
             try:
