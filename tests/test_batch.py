@@ -195,7 +195,7 @@ def test_batch_end_to_end_and_rerun(tmp_path, monkeypatch):
         {"id": "esc", "text": "x", "out": "../escape.wav"},
     ]
     src = write_jsonl(tmp_path / "reqs.jsonl", lines)
-    result = batch(src, "-o", tmp_path / "out", "--batch-size", 2, "--format", "ogg", *TINY)
+    result = batch(src, "--out-dir", tmp_path / "out", "--batch-size", 2, "--format", "ogg", *TINY)
     assert result.exit_code == 1, result.output  # some requests failed
     out = tmp_path / "out"
     records = {r["line"]: r for r in manifest_records(out / "reqs.manifest.jsonl")}
@@ -215,7 +215,7 @@ def test_batch_end_to_end_and_rerun(tmp_path, monkeypatch):
     # A rerun skips what exists and generates what is missing.
     mtime = (out / "hello.ogg").stat().st_mtime_ns
     (out / "2.ogg").unlink()
-    again = batch(src, "-o", out, "--format", "ogg", *TINY)
+    again = batch(src, "--out-dir", out, "--format", "ogg", *TINY)
     assert again.exit_code == 1
     assert (out / "hello.ogg").stat().st_mtime_ns == mtime and (out / "2.ogg").exists()
     last = manifest_records(out / "reqs.manifest.jsonl")[-1]
@@ -236,7 +236,7 @@ def test_requests_failing_after_their_file_was_prepared_leave_no_temp_file(tmp_p
              {"id": "long", "text": "Too long.", "context": [{"audio": str(CONTEXT), "text": "word " * 2100}]},
              {"id": "blocked", "text": "Nowhere to go.", "max_audio_ms": 160, "out": "taken/blocked.wav"}]
     src = write_jsonl(tmp_path / "in.jsonl", lines)
-    result = batch(src, "-o", out, "--batch-size", 2, *TINY)
+    result = batch(src, "--out-dir", out, "--batch-size", 2, *TINY)
     assert result.exit_code == 1, result.output
     records = {r["id"]: r for r in manifest_records(out / "in.manifest.jsonl")}
     assert {k: r["status"] for k, r in records.items()} == {"ok": "ok", "long": "failed", "blocked": "failed"}
