@@ -415,6 +415,11 @@ class SpeechEngine:
                 listed.append((state.slot, state, kept, goes_on))
                 state.audio = []
             self.audio.round(frames, listed, fresh)
+            if first:
+                # A listener's first chunk: decode it with the GPU and the GIL to itself (the next frames would
+                # queue their kernels ahead of the decode's and hold the GIL for their launches). Costs the other
+                # rows about one graphed decode (~1 ms), once per listener.
+                self.audio.sync()
         for state, status, error, exception in ending:
             self.audio.end(state, self._finisher(state, status, error, exception))
             self._slots_free.append(state.slot)
