@@ -1,7 +1,7 @@
 """`seseme serve` (the OpenAI-compatible speech server) and `seseme voice add|list|remove` (its named voices).
 
-cli/main.py registers these (`app.command()(serve.serve)`, `app.add_typer(serve.voice_app, name="voice")`). This
-module imports cli.main only inside the commands, so either module may be imported first.
+cli/main.py lists both in its COMMANDS table (imported when they run). This module imports cli.main only inside the
+commands, so either module may be imported first (the tests register them on their own Typer app).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _url(host: str, port: int) -> str:
 
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
     model: ModelOption = DEFAULT_MODEL,
     device: DeviceOption = None,
     max_batch: Annotated[int, typer.Option(help="Requests generated together (engine rows).")] = 64,

@@ -10,6 +10,7 @@ one `("end", status)` with status "finished", "failed" or "aborted".
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -20,6 +21,7 @@ import torch
 from seseme_cli.errors import SesemeError
 from seseme_cli.speech.request import SpeechRequest
 
+log = logging.getLogger("seseme")
 _ids = itertools.count()
 
 WAITING, RUNNING, FINISHED, FAILED, ABORTED = "waiting", "running", "finished", "failed", "aborted"
@@ -58,10 +60,13 @@ class RequestHandle:
     # --- written by the engine -------------------------------------------------------------------------------
 
     def _emit(self, event) -> None:
-        if self.on_event is not None:
-            self.on_event(event)
-        else:
+        if self.on_event is None:
             self._events.put(event)
+            return
+        try:
+            self.on_event(event)
+        except Exception:  # noqa: BLE001 - a listener's bug must not fail the engine step or kill the decoder
+            log.exception("request %s: its event listener raised; the event is dropped", self.id)
 
     def deliver_audio(self, samples: np.ndarray) -> None:
         if self.first_audio is None:

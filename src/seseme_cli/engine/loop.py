@@ -213,7 +213,8 @@ class SpeechEngine:
                 raise
 
     def run_forever(self, stop: threading.Event, on_step=None) -> None:
-        """Step while there is work, sleep while there is none, until `stop` is set (then drain and return)."""
+        """Step while there is work, sleep while there is none, until `stop` is set. A server stops taking
+        requests first, so what is left when `stop` is set has ended or is aborted by `close()`."""
         while not stop.is_set():
             if not self.has_work():
                 self.wakeup.wait(0.1)

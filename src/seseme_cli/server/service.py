@@ -1,0 +1,253 @@
+"""The speech service: one SpeechEngine driven by one engine thread, and the door HTTP requests come in through.
+
+The engine thread loads the model, builds the engine (caches and CUDA graphs for max_batch rows), speaks one
+short warm-up request, and only then is the service ready; meanwhile the HTTP server is already up and /health
+answers 503. Then it runs `run_forever`. The HTTP side (asyncio) calls only `submit` (which `add_request`s with an
+`on_event` that hands each event to the request's asyncio queue through `call_soon_threadsafe`) and `abort`: it
+never touches the model or the GPU.
+
+States: loading -> ready -> draining (SIGTERM: new requests get 503, in-flight ones finish) -> stopped; or
+failed (the model did not load, or the engine kept failing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import threading
+import time
+
+import torch
+
+from seseme_cli.engine.loop import QueueFull
+from seseme_cli.errors import SesemeError
+from seseme_cli.server.errors import queue_full, unavailable
+from seseme_cli.server.settings import ServerSettings
+from seseme_cli.server.voices import VoiceBook, codec_id
+from seseme_cli.speech.request import FRAME_MS, SpeechRequest
+
+log = logging.getLogger("seseme")
+
+LOADING, READY, DRAINING, STOPPED, FAILED = "loading", "ready", "draining", "stopped", "failed"
+MAX_CONSECUTIVE_FAILURES = 3  # engine steps failing in a row before the service gives up (health turns 503)
+RATE_WINDOW_S = 10.0  # frames/s and real-time factor are measured over this much recent time
+
+
+class RequestStream:
+    """One request's events as the HTTP side sees them: `await next()` -> ("audio", int16 samples) ...
+    ("end", status); `abort()`; `close()` when the response is over (aborts the request if it still runs)."""
+
+    def __init__(self, service: "SpeechService", handle, queue: asyncio.Queue):
+        self.service, self.handle, self.queue = service, handle, queue
+        self.closed = False
+
+    async def next(self):
+        return await self.queue.get()
+
+    def interrupt(self, reason: str) -> None:
+        """Wake `next()` with ("gone", reason) (the client went away) and abort the request."""
+        self.queue.put_nowait(("gone", reason))
+        self.abort()
+
+    def abort(self) -> None:
+        if not self.handle.done:
+            self.service.engine.abort(self.handle)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.abort()
+            self.service._release(self)
+
+
+class SpeechService:
+    def __init__(self, load, settings: ServerSettings):
+        """`load()` -> a CSM (called in the engine thread)."""
+        self._load, self.settings = load, settings
+        self.state = LOADING
+        self.error: BaseException | None = None
+        self.tts = None
+        self.engine = None
+        self.voices: VoiceBook | None = None
+        self.sample_rate = 24_000
+        self.engine_failures = 0
+        self._inflight = 0
+        self._streams: set[RequestStream] = set()
+        self._failures = 0  # engine failures in a row
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()  # set once loading ended, well or not
+        self._rate = collections.deque(maxlen=64)  # (time, frames) samples for frames/s
+        self._thread = threading.Thread(target=self._run, name="seseme-engine", daemon=True)
+
+    # --- life cycle --------------------------------------------------------------------------------------------
+
+    def start(self) -> "SpeechService":
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until loading has ended; True if the service is ready."""
+        self._ready.wait(timeout)
+        return self.state == READY
+
+    def begin_drain(self) -> None:
+        """Stop taking requests (503 from now on); those in flight go on."""
+        with self._lock:
+            if self.state in (LOADING, READY):
+                self.state = DRAINING
+
+    @property
+    def inflight(self) -> int:
+        """Requests accepted whose responses are not over yet."""
+        return self._inflight
+
+    def abort_all(self) -> None:
+        """Abort every request still in flight (a drain that ran out of time)."""
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.abort()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the engine thread (whatever still runs is aborted) and wait for it."""
+        with self._lock:
+            if self.state != FAILED:
+                self.state = STOPPED
+        self._stop.set()
+        if self.engine is not None:
+            self.engine.wakeup.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # --- the engine thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = None
+        try:
+            tts = self._load()
+            device = tts.device
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                engine = tts.speech_engine(self.settings.max_batch, pcm16=True, max_waiting=self.settings.max_queue)
+                if self.settings.warm_up:
+                    self._warm_up(engine)
+                self.voices = VoiceBook(self.settings.voices_dir, self.settings.openai_voices, codec_id(tts.codec),
+                                        tts.config.num_codebooks, tts.codec.cardinality)
+                self.tts, self.engine, self.sample_rate = tts, engine, tts.sample_rate
+                with self._lock:
+                    if self.state == LOADING:
+                        self.state = READY
+                self._ready.set()
+                self._loop(engine)
+        except BaseException as e:  # the model did not load (or a bug): say so on /health and to the CLI
+            self.error = e
+            with self._lock:
+                self.state = FAILED
+            if not isinstance(e, SesemeError):  # a bug: keep its traceback (a SesemeError is one line, at the CLI)
+                log.exception("the engine thread failed")
+        finally:
+            self._ready.set()
+            if engine is not None:
+                with contextlib.suppress(Exception):
+                    engine.close()
+
+    def _warm_up(self, engine) -> None:
+        # First calls load kernels and allocator pools: pay for them before the first client does.
+        handle = engine.add_request(SpeechRequest.make("Hello.", max_audio_ms=2 * FRAME_MS, seed=0), keep_audio=False,
+                                    low_latency=True)
+        engine.drain()
+        handle.raise_for_status()
+
+    def _loop(self, engine) -> None:
+        while not self._stop.is_set():
+            try:
+                engine.run_forever(self._stop, on_step=self._on_step)
+            except Exception as e:  # the step failed: every request in the engine failed with it (engine.step)
+                self.engine_failures += 1
+                self._failures += 1
+                log.exception("the engine failed (%d in a row); its requests failed with it", self._failures)
+                if engine.broken or self._failures >= MAX_CONSECUTIVE_FAILURES:  # broken: the decoder died
+                    self.error = e
+                    with self._lock:
+                        self.state = FAILED
+                    return
+
+    def _on_step(self, out) -> None:
+        self._failures = 0
+        now = time.perf_counter()
+        if not self._rate or now - self._rate[-1][0] >= 0.25:
+            self._rate.append((now, self.engine.stats.frames))
+
+    # --- the HTTP side ---------------------------------------------------------------------------------------------
+
+    def submit(self, request: SpeechRequest, request_id: str | None = None, listening: bool = True) -> RequestStream:
+        """Queue a request; its events arrive on the returned stream. `listening`: a client plays the audio as it
+        comes (the engine then reads its first frame without lag and decodes a small first chunk at once).
+        Raises ApiError 503 (not ready) or 429 (queue full)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def forward(event) -> None:  # engine or audio thread: must never raise into them
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is closed (the server is gone): nobody is listening
+                pass
+
+        with self._lock:
+            self.check_open()
+            try:
+                handle = self.engine.add_request(request, request_id, on_event=forward, keep_audio=False,
+                                                 low_latency=listening)
+            except QueueFull:
+                raise queue_full(f"the server is busy: {self.settings.max_queue} requests are already waiting; "
+                                 f"retry after {self.settings.retry_after_s} s", self.settings.retry_after_s) from None
+            self._inflight += 1
+            stream = RequestStream(self, handle, queue)
+            self._streams.add(stream)
+        return stream
+
+    def check_open(self) -> None:
+        wait = self.settings.unavailable_retry_after_s
+        if self.state == LOADING:
+            raise unavailable("the model is still loading; retry shortly", wait, "model_loading")
+        if self.state == DRAINING or self.state == STOPPED:
+            raise unavailable("the server is shutting down and takes no new requests", wait, "shutting_down")
+        if self.state == FAILED:
+            raise unavailable(f"the server is out of order: {self.describe_error()}", wait, "engine_failed")
+
+    def _release(self, stream: RequestStream) -> None:
+        with self._lock:
+            self._inflight -= 1
+            self._streams.discard(stream)
+
+    def describe_error(self) -> str:
+        return " ".join(str(self.error).split()) if self.error is not None else ""
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tts.tokenizer.encode(text)) if self.tts is not None else 0
+
+    # --- numbers for /metrics ------------------------------------------------------------------------------------
+
+    @property
+    def active_rows(self) -> int:
+        return self.engine.active_rows if self.engine is not None else 0
+
+    @property
+    def queue_depth(self) -> int:
+        return self.engine.queue_depth if self.engine is not None else 0
+
+    @property
+    def frames(self) -> int:
+        return self.engine.stats.frames if self.engine is not None else 0
+
+    def frames_per_second(self) -> float:
+        """Useful frames generated per second over the last RATE_WINDOW_S (0 when idle)."""
+        if self.engine is None:
+            return 0.0
+        now = time.perf_counter()
+        points = [p for p in list(self._rate) if now - p[0] <= RATE_WINDOW_S]  # list(): one atomic copy
+        points.append((now, self.engine.stats.frames))
+        (t0, f0), (t1, f1) = points[0], points[-1]
+        return (f1 - f0) / (t1 - t0) if t1 - t0 > 0.05 else 0.0
