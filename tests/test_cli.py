@@ -5,6 +5,7 @@ one `error:` line, a non-zero exit code, no traceback, and no file left behind (
 """
 
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,9 @@ import torch
 from typer.testing import CliRunner
 
 import seseme_cli
+import seseme_cli.api
+import seseme_cli.audio.files
+from seseme_cli.cli import inputs
 from seseme_cli.cli import main as cli
 
 FRAME_SAMPLES = 1920  # 80 ms at 24 kHz
@@ -70,13 +74,16 @@ def test_same_seed_same_codes(tmp_path):
     assert a.shape != c.shape or not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("suffix,fmt", [(".flac", "FLAC"), (".ogg", "OGG")])
-def test_say_other_formats(tmp_path, suffix, fmt):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("suffix,fmt,subtype", [(".flac", "FLAC", "PCM_16"), (".ogg", "OGG", "VORBIS"),
+                                                (".mp3", "MP3", "MPEG_LAYER_III"), (".opus", "OGG", "OPUS")])
+def test_say_other_formats(tmp_path, suffix, fmt, subtype, stream):
     out = tmp_path / f"out{suffix}"
-    assert_ok(say("Hello there.", "-o", out, "--codes", tmp_path / "codes.npy", *FAST))
+    assert_ok(say("Hello there.", "-o", out, "--codes", tmp_path / "codes.npy", *FAST, *(["--stream"] if stream else [])))
     info = sf.info(out)
-    assert (info.format, info.samplerate, info.channels) == (fmt, 24000, 1)
+    assert (info.format, info.subtype, info.samplerate, info.channels) == (fmt, subtype, 24000, 1)
     assert info.frames == read_codes(tmp_path / "codes.npy").shape[0] * FRAME_SAMPLES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.npy", out.name]
 
 
 def test_text_from_file_and_stdin_matches_argument(tmp_path):
@@ -99,7 +106,7 @@ def test_context_audio(tmp_path, stereo_sine):
 
 
 def test_parse_context_splits_first_and_last_colon():
-    assert cli.parse_context("a.wav:Time: 10:30:2") == (Path("a.wav"), "Time: 10:30", 2)
+    assert inputs.parse_context("a.wav:Time: 10:30:2") == (Path("a.wav"), "Time: 10:30", 2)
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
@@ -128,7 +135,8 @@ CHEAP_CASES = [
     ("context empty transcript", ["Hi.", "--context", "{tone}::1"], None),
     ("context missing audio", ["Hi.", "--context", "{tmp}/missing.wav:hello:1"], None),
     ("context not audio", ["Hi.", "--context", "{tmp}/garbage.wav:hello:1"], None),
-    ("unsupported suffix", ["Hi.", "-o", "{tmp}/out.mp3"], None),
+    ("unsupported suffix", ["Hi.", "-o", "{tmp}/out.aac"], None),
+    ("no suffix", ["Hi.", "-o", "{tmp}/out"], None),
     ("output folder missing", ["Hi.", "-o", "{tmp}/nowhere/out.wav"], None),
     ("output is a folder", ["Hi.", "-o", "{tmp}/folder.wav"], None),
     ("codes not npy", ["Hi.", "--codes", "{tmp}/codes.txt"], None),
@@ -138,6 +146,38 @@ CHEAP_CASES = [
     ("topk 0", ["Hi.", "--topk", "0"], None),
     ("max-audio-ms 0", ["Hi.", "--max-audio-ms", "0"], None),
     ("negative speaker", ["Hi.", "--speaker", "-1"], None),
+    # found while hardening (issue 15): each was a traceback, a partial file or a late failure
+    ("stdin not utf-8", ["-"], "caf\xe9".encode("latin-1")),
+    ("file is binary", ["--file", "{tmp}/binary.txt"], None),
+    ("file holds a NUL", ["--file", "{tmp}/nul.txt"], None),
+    ("text and stdin and file", ["-", "--file", "{tmp}/hello.txt"], "Hello."),
+    ("speaker not an integer", ["Hi.", "--speaker", "1.5"], None),
+    ("speaker not a number", ["Hi.", "--speaker", "one"], None),
+    ("seed -1", ["Hi.", "--seed", "-1"], None),
+    ("seed 2^63", ["Hi.", "--seed", str(2**63)], None),
+    ("seed not an integer", ["Hi.", "--seed", "0.5"], None),
+    ("inf temperature", ["Hi.", "--temperature", "inf"], None),
+    ("temperature not a number", ["Hi.", "--temperature", "warm"], None),
+    ("topk negative", ["Hi.", "--topk", "-3"], None),
+    ("topk not an integer", ["Hi.", "--topk", "2.5"], None),
+    ("max-audio-ms nan", ["Hi.", "--max-audio-ms", "nan"], None),
+    ("max-audio-ms under a frame", ["Hi.", "--max-audio-ms", "10"], None),
+    ("max-audio-ms with a unit", ["Hi.", "--max-audio-ms", "10s"], None),
+    ("chunk-ms 0", ["Hi.", "--chunk-ms", "0"], None),
+    ("chunk-ms inf", ["Hi.", "--chunk-ms", "inf"], None),
+    ("unknown device", ["Hi.", "--device", "tpu"], None),
+    ("unknown option", ["Hi.", "--bogus"], None),
+    ("old max-audio spelling", ["Hi.", "--max-audio-length-ms", "800"], None),
+    ("output under a file", ["Hi.", "-o", "{tmp}/hello.txt/out.wav"], None),
+    ("output suffix only", ["Hi.", "-o", "{tmp}/.wav"], None),
+    ("output name too long for its temp file", ["Hi.", "-o", "{tmp}/" + "x" * 241 + ".wav"], None),
+    ("codes name too long for its temp file", ["Hi.", "--codes", "{tmp}/" + "x" * 241 + ".npy"], None),
+    ("codes is a folder", ["Hi.", "--codes", "{tmp}/folder.npy"], None),
+    ("codes under a file", ["Hi.", "--codes", "{tmp}/hello.txt/codes.npy"], None),
+    ("context is a folder", ["Hi.", "--context", "{tmp}:hello:1"], None),
+    ("context claims 2^31 Hz", ["Hi.", "--context", "{tmp}/fast.wav:hello:1"], None),
+    ("context claims 2^31-1 Hz", ["Hi.", "--context", "{tmp}/fast2.wav:hello:1"], None),
+    ("second context bad", ["Hi.", "--context", "{tone}:hello:1", "--context", "{tone}:hello"], None),
 ] + ([("cuda without a GPU", ["Hi.", "--device", "cuda"], None)] if NO_CUDA else [])
 # These pass the cheap checks and fail while (or after) loading the model.
 MODEL_CASES = [
@@ -154,7 +194,19 @@ def bad_input_dir(tmp_path, stereo_sine):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "garbage.wav").write_bytes(b"this is not audio at all" * 10)
     (tmp_path / "folder.wav").mkdir()
+    (tmp_path / "folder.npy").mkdir()
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "nul.txt").write_bytes(b"Hello\0there.")
+    (tmp_path / "fast.wav").write_bytes(wav_header_claiming(2**31))
+    (tmp_path / "fast2.wav").write_bytes(wav_header_claiming(2**31 - 1))
     return tmp_path
+
+
+def wav_header_claiming(rate: int, data: bytes = b"\0" * 2000) -> bytes:
+    """A PCM16 mono WAV whose header says `rate` Hz (a 2^31 Hz clip once made an 8.6 GB allocation)."""
+    return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 1, 1, rate, (2 * rate) & 0xFFFFFFFF, 2, 16)
+            + b"data" + struct.pack("<I", len(data)) + data)
 
 
 def _run_bad(tmp_path, tone, args, stdin):
@@ -163,15 +215,16 @@ def _run_bad(tmp_path, tone, args, stdin):
     result = say("-o", tmp_path / "out.wav", "--codes", tmp_path / "codes.npy", *FAST, *args, input=stdin)
     assert result.exit_code == 2, f"{result.output}\n{result.exception!r}"
     assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1, result.stderr
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, (SystemExit, type(None)))
     assert set(tmp_path.rglob("*")) == before  # no output, no partial or temp file
     return result
 
 
 @pytest.mark.parametrize("args,stdin", [c[1:] for c in CHEAP_CASES], ids=[c[0] for c in CHEAP_CASES])
 def test_bad_input_fails_before_loading_the_model(bad_input_dir, stereo_sine, monkeypatch, args, stdin):
-    monkeypatch.setattr(cli, "load_csm_1b_optimized", _model_must_not_load)
-    _run_bad(bad_input_dir, stereo_sine, args, stdin)
+    monkeypatch.setattr(seseme_cli.api, "load_csm_1b_optimized", _model_must_not_load)
+    result = _run_bad(bad_input_dir, stereo_sine, args, stdin)
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr  # that line only
 
 
 @pytest.mark.parametrize("args,stdin", [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES])
@@ -183,7 +236,7 @@ def test_interrupt_leaves_no_files(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.audio_io, "write_audio", interrupted)
+    monkeypatch.setattr(seseme_cli.audio.files, "write_audio", interrupted)
     result = say("Hello there.", "-o", tmp_path / "out.wav", "--codes", tmp_path / "codes.npy", *FAST)
     assert result.exit_code == 130, result.output
     assert "error: interrupted" in result.stderr

@@ -7,6 +7,8 @@ can cause (missing file, bad format, unwritable directory) becomes one InputErro
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import os
 import struct
 import tempfile
@@ -22,19 +24,104 @@ from seseme_cli.errors import InputError
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000
 MAX_CONTEXT_SECONDS = 600  # context audio beyond the 2048-frame window (164 s) is useless anyway
 
-SUPPORTED_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
-_SUBTYPES = {"WAV": "PCM_16", "FLAC": "PCM_16", "OGG": "VORBIS"}
+# suffix -> (libsndfile format, subtype). MP3 and Opus need libsndfile >= 1.1 built with LAME/mpg123 and libopus
+# (the wheels of soundfile >= 0.12 bundle such a build); `writable_format` checks the linked one.
+SUPPORTED_FORMATS = {
+    ".wav": ("WAV", "PCM_16"),
+    ".flac": ("FLAC", "PCM_16"),
+    ".ogg": ("OGG", "VORBIS"),
+    ".mp3": ("MP3", "MPEG_LAYER_III"),
+    ".opus": ("OGG", "OPUS"),  # Ogg Opus; 24 kHz is one of Opus' own rates, so nothing is resampled
+}
 
 
-def _format_for(path: Path) -> str:
-    fmt = SUPPORTED_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise InputError(f"cannot write {path}: unsupported file type {path.suffix or '(none)'!r}; "
-                         f"use one of {', '.join(SUPPORTED_FORMATS)}")
-    return fmt
+def _unsupported(path: Path, what: str) -> InputError:
+    return InputError(f"{what}: unsupported file type {path.suffix or '(none)'!r}; use one of "
+                      f"{', '.join(SUPPORTED_FORMATS)}")
 
 
-def _umask() -> int:
+@functools.cache
+def _linked_can_write(fmt: str, subtype: str) -> bool:
+    return fmt in sf.available_formats() and subtype in sf.available_subtypes(fmt)
+
+
+def writable_format(path, what: str | None = None) -> tuple[str, str]:
+    """(format, subtype) for writing `path`, chosen by its suffix; one InputError line (starting with `what`,
+    default "cannot write PATH") when the suffix is unknown or the linked libsndfile cannot write that format."""
+    path = Path(path)
+    what = what or f"cannot write {path}"
+    found = SUPPORTED_FORMATS.get(path.suffix.lower())
+    if found is None:
+        raise _unsupported(path, what)
+    if not _linked_can_write(*found):
+        usable = [suffix for suffix, f in SUPPORTED_FORMATS.items() if _linked_can_write(*f)]
+        raise InputError(f"{what}: the linked libsndfile {sf.__libsndfile_version__} cannot write "
+                         f"{found[0]} {found[1]} (libsndfile 1.1+ with MP3 and Opus support can: upgrade soundfile); "
+                         f"use one of {', '.join(usable)}")
+    return found
+
+
+class GuardedFile(io.RawIOBase):
+    """A binary file handed to libsndfile (soundfile's virtual I/O) that keeps the first OSError of a write
+    instead of raising it: raised inside libsndfile's callback, an error becomes a printed traceback and a short
+    write that libsndfile may not report at all (its Vorbis writer ignores a full disk). `check()` raises it
+    after each libsndfile call."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self.raw, self.error = raw, None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        return self.raw.read(size)
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.raw.write(data)
+            except OSError as e:
+                self.error = e
+        # Reported as written: libsndfile then finishes quietly, and check() raises the real reason (disk full).
+        return len(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def flush(self) -> None:
+        if self.error is None and not self.raw.closed:  # also called when this object is collected
+            try:
+                self.raw.flush()
+            except OSError as e:
+                self.error = e
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def write_error(path, e: BaseException) -> InputError:
+    """One line for a failed write of `path` (disk full, read-only, libsndfile's refusal)."""
+    if isinstance(e, OSError) and e.strerror:
+        reason = e.strerror
+    elif isinstance(e, sf.LibsndfileError):
+        reason = e.error_string.rstrip(".")
+    else:
+        reason = str(e)
+    return InputError(f"cannot write {path}: {reason}")
+
+
+def umask() -> int:
     # os.umask is the only portable way to read it, and it sets it: put it straight back.
     mask = os.umask(0)
     os.umask(mask)
@@ -76,9 +163,10 @@ def load_audio(path, target_sample_rate: int = 24000) -> torch.Tensor:
 
 
 def check_output_path(path) -> None:
-    """Fail before any generation if `path` cannot be written: unknown suffix, missing or read-only directory."""
+    """Fail before any generation if `path` cannot be written: unknown suffix, missing or read-only directory, a
+    name too long for its temp file."""
     path = Path(path)
-    _format_for(path)
+    writable_format(path)
     parent = path.parent  # Path("out.wav").parent is Path(".")
     if not parent.is_dir():
         raise InputError(f"cannot write {path}: directory {parent} does not exist")
@@ -86,11 +174,27 @@ def check_output_path(path) -> None:
         raise InputError(f"cannot write {path}: directory {parent} is not writable")
     if path.is_dir():
         raise InputError(f"cannot write {path}: it is a directory")
+    check_name_length(path, f"cannot write {path}")
+
+
+TEMP_NAME_EXTRA = len(".") + len(".") + 8 + len(".part")  # mkstemp's `.<name>.<8 random>.part` beside `path`
+
+
+def check_name_length(path: Path, what: str) -> None:
+    """The temp file beside `path` needs 15 more bytes than its name: a name that fits alone can still fail, and
+    only once the audio is made (File name too long)."""
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer: the common limit
+        limit = 255
+    size = len(os.fsencode(path.name))
+    if size + TEMP_NAME_EXTRA > limit:
+        raise InputError(f"{what}: the file name is {size} bytes long; at most {limit - TEMP_NAME_EXTRA} fit here")
 
 
 def write_audio(path, audio, sample_rate: int) -> None:
-    """Write mono audio (clipped to [-1, 1]) with the format chosen by the suffix: wav = 16-bit PCM, flac,
-    ogg = Vorbis. `audio`: a 1-D tensor or array, or a list of 1-D arrays written one after the other (how
+    """Write mono audio (clipped to [-1, 1]) with the format chosen by the suffix (SUPPORTED_FORMATS: wav and flac
+    16-bit PCM, ogg Vorbis, mp3, opus = Ogg Opus). `audio`: a 1-D tensor or array, or a list of 1-D arrays written one after the other (how
     `seseme batch` hands over a request's decoded rounds); float samples, or int16 samples already converted by
     `pcm16` / `pcm16_on_device` (what `seseme batch` hands over when every output is WAV). Atomic: a temp file in
     the same directory is renamed over `path`, so a reader never sees a partial file and a failure leaves nothing
@@ -103,7 +207,7 @@ def write_audio(path, audio, sample_rate: int) -> None:
     was written when each request's audio was first concatenated, then converted and encoded by libsndfile (four
     writer threads); 0.19-0.24 s with numpy's conversion into one buffer (one thread: see
     batch_run.writer_threads), ~0.4 ms per file, of which the conversion was ~0.14 ms. FLAC and Vorbis go through
-    libsndfile (its FLAC encoder rounds float samples rather than floors)."""
+    libsndfile (its FLAC encoder rounds float samples rather than floors), as do MP3 and Opus."""
     PendingAudioFile(path).write(audio, sample_rate)
 
 
@@ -123,13 +227,13 @@ class PendingAudioFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        self.format = _format_for(self.path)
+        self.format, self.subtype = writable_format(self.path)
         self.tmp: str | None = None
         with self._or_discard():
             # Same directory, so os.replace is a rename on one filesystem, never a copy.
             fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
             os.close(fd)
-            os.chmod(self.tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
+            os.chmod(self.tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the mode a plain open() would
 
     def write(self, audio, sample_rate: int) -> None:
         """Write the audio (see write_audio) into the temp file and rename it over `path`."""
@@ -148,7 +252,11 @@ class PendingAudioFile:
                     data = np.concatenate(pieces)
                     if data.dtype != np.int16:
                         data = np.clip(data, -1.0, 1.0)
-                    sf.write(f, data, sample_rate, format=self.format, subtype=_SUBTYPES[self.format])
+                    guarded = GuardedFile(f)
+                    try:
+                        sf.write(guarded, data, sample_rate, format=self.format, subtype=self.subtype)
+                    finally:
+                        guarded.check()  # the real reason (disk full) before libsndfile's own
             os.replace(self.tmp, self.path)
             self.tmp = None
 
@@ -169,8 +277,7 @@ class PendingAudioFile:
         except BaseException as e:
             self.discard()
             if isinstance(e, (sf.LibsndfileError, OSError, RuntimeError, ValueError)):
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                raise InputError(f"cannot write {self.path}: {reason}") from None
+                raise write_error(self.path, e) from None
             raise
 
 

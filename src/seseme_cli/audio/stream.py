@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from seseme_cli.audio.files import _SUBTYPES, _format_for, _umask, pcm16, wav_header
-from seseme_cli.errors import InputError, SesemeError
+from seseme_cli.audio.files import GuardedFile, pcm16, umask, wav_header, writable_format, write_error
+from seseme_cli.errors import SesemeError
 
 log = logging.getLogger("seseme")
 
@@ -228,12 +228,14 @@ class PipeSink:
         try:
             self.stream.write(data)
             self.stream.flush()
-        except BrokenPipeError:
-            # The reader (a player) went away. Point the descriptor at /dev/null so that Python's own flush at
-            # exit does not fail a second time, and say it once.
+        except OSError as e:
+            # Point the descriptor at /dev/null so that Python's own flush at exit does not fail a second time
+            # (with a traceback), and say it once.
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-            raise SesemeError("standard output was closed before the audio ended") from None
+            if isinstance(e, BrokenPipeError):  # the reader (a player) went away
+                raise SesemeError("standard output was closed before the audio ended") from None
+            raise SesemeError(f"cannot write standard output: {e.strerror or e}") from None
 
     def write(self, audio: torch.Tensor) -> None:
         self._write(pcm16(audio.detach().float().cpu().numpy()).tobytes())
@@ -247,41 +249,68 @@ class PipeSink:
 
 
 class FileSink:
-    """An audio file (format from the suffix) written as it grows into a temp file in the same directory, and
-    renamed over `path` by `commit()`: readers never see a partial file; `abort()` removes the temp file."""
+    """An audio file (format from the suffix, see audio.files.SUPPORTED_FORMATS) written as it grows into a temp
+    file in the same directory, and renamed over `path` by `commit()`: readers never see a partial file; `abort()`
+    removes the temp file. Every failure (disk full included) is one InputError naming `path`, after which the temp
+    file is gone."""
 
     def __init__(self, path: Path, sample_rate: int):
         import soundfile as sf
 
         self.path, self.sample_rate, self.samples = Path(path), sample_rate, 0
-        fmt = _format_for(self.path)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
-        os.close(fd)
+        self.file = self.raw = self.tmp = None
+        fmt, subtype = writable_format(self.path)
         try:
-            self.file = sf.SoundFile(self.tmp, "w", sample_rate, 1, _SUBTYPES[fmt], format=fmt)
-        except (sf.LibsndfileError, RuntimeError) as e:
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
+            self.raw = os.fdopen(fd, "r+b")
+            # Through a file object, not the path: libsndfile's own writes do not all report a full disk.
+            self.guard = GuardedFile(self.raw)
+            self.file = sf.SoundFile(self.guard, "w", sample_rate, 1, subtype, format=fmt)
+            self.guard.check()
+        except (sf.LibsndfileError, OSError, RuntimeError) as e:
             self.abort()
-            raise InputError(f"cannot write {self.path}: {e}") from None
+            raise write_error(self.path, self._reason(e)) from None
+
+    def _reason(self, e: BaseException) -> BaseException:
+        guard = getattr(self, "guard", None)
+        return guard.error if guard is not None and guard.error is not None else e
 
     def write(self, audio: torch.Tensor) -> None:
-        self.file.write(audio.detach().float().clamp(-1.0, 1.0).numpy())
-        self.file.flush()
+        import soundfile as sf
+
+        try:
+            self.file.write(audio.detach().float().clamp(-1.0, 1.0).cpu().numpy())
+            self.file.flush()
+            self.guard.check()
+        except (sf.LibsndfileError, OSError, RuntimeError) as e:
+            self.abort()
+            raise write_error(self.path, self._reason(e)) from None
         self.samples += audio.numel()
 
     def commit(self) -> None:
+        import soundfile as sf
+
         try:
             self.file.close()  # fixes up the header
-            os.chmod(self.tmp, 0o666 & ~_umask())
+            self.guard.check()
+            self.raw.close()
+            os.chmod(self.tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the mode a plain open() would
             os.replace(self.tmp, self.path)
-        except OSError as e:
+        except (sf.LibsndfileError, OSError, RuntimeError) as e:
             self.abort()
-            raise InputError(f"cannot write {self.path}: {e.strerror or e}") from None
+            raise write_error(self.path, self._reason(e)) from None
+        self.tmp = None
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.file.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
+        """Remove the temp file (nothing to do after commit or a first abort)."""
+        for f in (self.file, self.raw):
+            with contextlib.suppress(Exception):  # a full disk fails the close too: the file goes anyway
+                if f is not None:
+                    f.close()
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self.tmp = None
 
 
 def open_sink(output: str | Path, sample_rate: int):

@@ -1,20 +1,26 @@
-"""The `seseme batch` command's steps around generation: plan (read, check, name outputs, skip what exists,
-all before the model loads), then run with a progress bar, and print a summary."""
+"""`seseme batch`: the command and its steps around generation: plan (read, check, name outputs, skip what
+exists, all before the model loads), then run with a progress bar, and print a summary."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Annotated, Optional
 
+import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from seseme_cli.audio.files import SUPPORTED_FORMATS, writable_format
 from seseme_cli.batch.manifest import Manifest, Request, read_requests, plan_outputs, stale_temp_files
 from seseme_cli.batch.run import BatchRun, BatchSettings, Tally
+from seseme_cli.cli import common
 from seseme_cli.errors import InputError
-from seseme_cli.speech.request import FRAME_MS
+from seseme_cli.model.checkpoints import DEFAULT_MODEL
+from seseme_cli.speech.request import DEFAULT_CHUNK_MS, FRAME_MS, SpeechRequest
 
 MAX_FAILURES_SHOWN = 20
 
@@ -44,6 +50,8 @@ def _out_dir(input: Path, out_dir: Path | None) -> Path:
 def plan(input: Path, out_dir: Path | None, fmt: str, chunk_ms: float | None = None) -> Plan:
     if not input.is_file():
         raise InputError(f"cannot read {input}: {'it is a directory' if input.is_dir() else 'no such file'}")
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out-dir {out_dir}: it is a file, not a folder")
     requests = read_requests(input, chunk_ms)
     folder = _out_dir(input, out_dir)
     plan_outputs(requests, folder, fmt)
@@ -134,14 +142,17 @@ def _failures(plan: Plan, tally: Tally | None, out_console) -> int:
     return len(failures)
 
 
-def run(plan: Plan, tts, batch_size: int | None, out_console, err_console) -> int:
-    """Generate the plan's requests; print the summary; return how many requests failed."""
+def run(plan: Plan, tts, batch_size: int | None, out_console, err_console, progress_console=None,
+        summary: bool = True) -> int:
+    """Generate the plan's requests (progress bar on `progress_console`, default `err_console`); print the summary
+    (unless not `summary`) and the failed requests; return how many requests failed."""
     manifest = Manifest(plan.manifest_path, plan.out_dir)
     tally, wall, frames = None, 0.0, 0
     try:
         _record_before_run(plan, manifest)
         if plan.todo:
-            tally, wall, frames = _generate(plan, tts, manifest, BatchSettings(batch_size), err_console)
+            tally, wall, frames = _generate(plan, tts, manifest, BatchSettings(batch_size),
+                                            progress_console or err_console)
     finally:
         manifest.close()
     if tally and tally.truncated:
@@ -150,5 +161,40 @@ def run(plan: Plan, tts, batch_size: int | None, out_console, err_console) -> in
     if tally and tally.special:
         err_console.print(f"warning: {tally.special} sampled ids were special tokens, not codec codes; decoded "
                           "them as code 0", style="yellow", markup=False)
-    _summary(plan, tally, wall, frames, out_console)
+    if summary:
+        _summary(plan, tally, wall, frames, out_console)
     return _failures(plan, tally, out_console)
+
+
+# --- the command ------------------------------------------------------------------------------------------
+
+AudioFormat = Enum("AudioFormat", {suffix[1:]: suffix[1:] for suffix in SUPPORTED_FORMATS}, type=str)
+
+
+def batch(
+    input: Annotated[Path, typer.Argument(
+        metavar="INPUT.jsonl", help="Requests, one JSON object per line ({\"text\": ...} at least).")],
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out-dir", "-d", help="Folder for the outputs and the manifest (default: the input's folder).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Requests generated together (default: what fits in memory).")] = None,
+    format: Annotated[AudioFormat, typer.Option(help="Format of outputs named after their id.")] = AudioFormat.wav,
+    chunk_ms: Annotated[float, typer.Option(
+        "--chunk-ms", help="Text longer than this much speech is split into chunks spoken in turn, in ms.")]
+    = DEFAULT_CHUNK_MS,
+    model: Annotated[str, typer.Option(
+        help="Hugging Face id, local checkpoint, 'random' or 'tiny-random'.")] = DEFAULT_MODEL,
+    device: Annotated[Optional[common.Device], typer.Option(help="Where to run (default: cuda when available).")]
+    = None,
+) -> None:
+    """Generate many requests from a JSONL file with continuous batching; skips outputs that already exist."""
+    with common.user_errors():
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        SpeechRequest.make("-", chunk_ms=chunk_ms)  # checks --chunk-ms before the file is read
+        writable_format(Path(f"x.{format.value}"), f"--format {format.value}")  # mp3 and opus need libsndfile 1.1+
+        steps = plan(input, out_dir, format.value, chunk_ms)
+        tts = common.load_model(model, common.pick_device(device)) if steps.todo else None
+        failed = run(steps, tts, batch_size, common.out, common.err, common.note, summary=not common.quiet())
+    if failed:
+        raise typer.Exit(1)
