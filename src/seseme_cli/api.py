@@ -70,6 +70,7 @@ class CSM:
         self.last_codes: torch.Tensor | None = None
         self.engine = None  # the frame engine (engine.runner.Engine), built by setup_caches
         self._loop = None  # the API's own SpeechEngine over it
+        self.streaming = None  # the handle of the latest `stream` (chunks done, frames so far)
         # On a GPU with the kernels: CUDA graphs of the fused kernels. Elsewhere the same frame program runs
         # eagerly on the ops' PyTorch references (the same sampling, so the same codes for a seed).
         self.uses_graphs = self.device.type == "cuda" and has_cuda_kernels()
@@ -168,11 +169,17 @@ class CSM:
         """The SpeechRequest the other calls build from their arguments (checked here)."""
         return SpeechRequest.make(text, speaker, context, max_audio_length_ms, temperature, topk, seed, chunk_ms)
 
-    def run(self, request: SpeechRequest):
-        """Speak one request to the end on the API's loop; returns its handle (audio, codes, status)."""
+    def run(self, request: SpeechRequest, progress=None):
+        """Speak one request to the end on the API's loop; returns its handle (audio, codes, status).
+        `progress(handle)` is called now and then (every 25 frames) while it runs."""
         loop = self._api_loop()
         handle = loop.add_request(request)
-        loop.drain()
+
+        def on_step(out) -> None:
+            if progress is not None and loop.stats.steps % 25 == 0:
+                progress(handle)
+
+        loop.drain(on_step)
         handle.raise_for_status()
         warn_special(handle.special)
         self.last_codes = handle.codes
@@ -234,7 +241,8 @@ class CSM:
     def stream_request(self, request: SpeechRequest, first_chunk_frames: int = 1, chunk_frames: int = 8):
         """`stream` for a prebuilt request (e.g. a benchmark's exact one)."""
         loop = self._api_loop(first_chunk_frames, chunk_frames)
-        return self._stream_audio(loop, loop.add_request(request, keep_audio=False, low_latency=True))
+        self.streaming = loop.add_request(request, keep_audio=False, low_latency=True)  # progress for the caller
+        return self._stream_audio(loop, self.streaming)
 
     def _stream_audio(self, loop, handle):
         errors: list[BaseException] = []

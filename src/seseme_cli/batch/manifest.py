@@ -13,6 +13,7 @@ when the request is admitted). Everything here runs before the model loads; gene
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -232,6 +233,33 @@ def plan_outputs(requests: list[Request], out_dir: Path, fmt: str) -> None:
 def stale_temp_files(output: Path) -> list[Path]:
     """Temp files an interrupted (killed) run left for `output` (audio_io's naming: .<name>.*.part)."""
     return list(output.parent.glob(f".{output.name}.*.part")) if output.parent.is_dir() else []
+
+
+# --- one run per output folder and input -----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def exclusive_run(folder: Path, input: Path):
+    """Hold `<folder>/.<input stem>.lock` (an flock) for the run: a second `seseme batch` on the same input and
+    folder would plan the same missing outputs and generate them twice, so it stops with one line instead. The
+    lock goes with the process (also after kill -9); the file may stay, empty."""
+    import fcntl
+
+    from seseme_cli.errors import InputError
+
+    path = folder / f".{input.stem}.lock"
+    try:
+        handle = open(path, "a+")
+    except OSError as e:
+        raise InputError(f"cannot create the lock file {path}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"another seseme batch is already running on {input.name} into {folder} (it holds "
+                             f"{path}); wait for it to finish or use another --out-dir") from None
+        yield
+    finally:
+        handle.close()
 
 
 # --- the manifest ----------------------------------------------------------------------------------------------

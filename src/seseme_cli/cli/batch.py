@@ -15,11 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from seseme_cli.audio.files import SUPPORTED_FORMATS, writable_format
-from seseme_cli.batch.manifest import Manifest, Request, read_requests, plan_outputs, stale_temp_files
+from seseme_cli.batch.manifest import (Manifest, Request, exclusive_run, plan_outputs, read_requests,
+                                       stale_temp_files)
 from seseme_cli.batch.run import BatchRun, BatchSettings, Tally
 from seseme_cli.cli import common
 from seseme_cli.errors import InputError
-from seseme_cli.model.checkpoints import DEFAULT_MODEL
+from seseme_cli.model.config import DEFAULT_MODEL
 from seseme_cli.speech.request import DEFAULT_CHUNK_MS, FRAME_MS, SpeechRequest
 
 MAX_FAILURES_SHOWN = 20
@@ -47,11 +48,15 @@ def _out_dir(input: Path, out_dir: Path | None) -> Path:
     return folder
 
 
-def plan(input: Path, out_dir: Path | None, fmt: str, chunk_ms: float | None = None) -> Plan:
+def _check_paths(input: Path, out_dir: Path | None) -> None:
     if not input.is_file():
         raise InputError(f"cannot read {input}: {'it is a directory' if input.is_dir() else 'no such file'}")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out-dir {out_dir}: it is a file, not a folder")
+
+
+def plan(input: Path, out_dir: Path | None, fmt: str, chunk_ms: float | None = None) -> Plan:
+    _check_paths(input, out_dir)
     requests = read_requests(input, chunk_ms)
     folder = _out_dir(input, out_dir)
     plan_outputs(requests, folder, fmt)
@@ -193,8 +198,10 @@ def batch(
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
         SpeechRequest.make("-", chunk_ms=chunk_ms)  # checks --chunk-ms before the file is read
         writable_format(Path(f"x.{format.value}"), f"--format {format.value}")  # mp3 and opus need libsndfile 1.1+
-        steps = plan(input, out_dir, format.value, chunk_ms)
-        tts = common.load_model(model, common.pick_device(device)) if steps.todo else None
-        failed = run(steps, tts, batch_size, common.out, common.err, common.note, summary=not common.quiet())
+        _check_paths(input, out_dir)
+        with exclusive_run(_out_dir(input, out_dir), input):
+            steps = plan(input, out_dir, format.value, chunk_ms)
+            tts = common.load_model(model, common.pick_device(device)) if steps.todo else None
+            failed = run(steps, tts, batch_size, common.out, common.err, common.note, summary=not common.quiet())
     if failed:
         raise typer.Exit(1)

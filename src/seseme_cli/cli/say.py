@@ -21,7 +21,7 @@ from seseme_cli.cli import common
 from seseme_cli.cli.common import SAMPLE_RATE, Device, info, out, err, status, user_errors
 from seseme_cli.cli.inputs import check_codes_path, load_context, read_text
 from seseme_cli.errors import InputError
-from seseme_cli.model.checkpoints import DEFAULT_MODEL
+from seseme_cli.model.config import DEFAULT_MODEL
 from seseme_cli.speech.request import (DEFAULT_CHUNK_MS, DEFAULT_MAX_AUDIO_MS, DEFAULT_TEMPERATURE, DEFAULT_TOPK,
                                        FRAME_MS, SpeechRequest)
 
@@ -112,7 +112,9 @@ def _say_stream(tts, output: Path | None, codes_path: Path | None, request, play
             for chunk in chunks:
                 first = first if first is not None else time.perf_counter()
                 sink.write(chunk)
-                shown.update(f"streaming: {sink.samples / SAMPLE_RATE:.1f} s of audio...")
+                shown.update(f"streaming: {sink.samples / SAMPLE_RATE:.1f} s of audio"
+                             + (f", text chunk {tts.streaming.chunks_done + 1} of {tts.streaming.chunks_total}"
+                                if tts.streaming is not None and tts.streaming.chunks_total > 1 else "") + "...")
         write_outputs(output, sink.commit, tts.last_codes, codes_path)
     finally:
         sink.abort()  # after a commit there is nothing left to remove
@@ -123,8 +125,13 @@ def _say_whole(tts, output: Path, codes_path: Path | None, request, segments):
     from seseme_cli.audio import files as audio_files
 
     doing = f"encoding {len(segments)} context clip(s) and generating..." if segments else "generating..."
-    with status(doing):
-        handle = tts.run(request)
+    with status(doing) as shown:
+        def progress(handle) -> None:  # long text: which chunk, how much audio so far
+            if handle.chunks_total > 1:
+                shown.update(f"generating: text chunk {min(handle.chunks_done + 1, handle.chunks_total)} of "
+                             f"{handle.chunks_total}, {handle.duration_s:.1f} s of audio...")
+
+        handle = tts.run(request, progress)
     audio = handle.audio()
     write_outputs(output, lambda: audio_files.write_audio(output, audio, SAMPLE_RATE), handle.codes, codes_path)
     return handle.codes, len(audio) / SAMPLE_RATE, None

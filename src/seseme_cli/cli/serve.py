@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from seseme_cli.errors import InputError
-from seseme_cli.model.checkpoints import DEFAULT_MODEL
+from seseme_cli.model.config import DEFAULT_MODEL
 from seseme_cli.server.settings import DEFAULT_MODEL_NAME, ServerSettings, default_voices_dir
 from seseme_cli.speech.request import FRAME_MS
 

@@ -20,11 +20,11 @@ from typing import Callable
 import torch
 
 from seseme_cli.model import config as cfgs
+from seseme_cli.model.config import DEFAULT_MODEL  # noqa: F401 - re-exported: the API takes it from here
 from seseme_cli.errors import InputError, SesemeError, WeightsNotFound
 from seseme_cli.model.reference import CsmModel
 from seseme_cli.model.tokenizer import ByteTokenizer, HFTokenizer, has_tokenizer_files
 
-DEFAULT_MODEL = "sesame/csm-1b"
 RANDOM_MODELS = ("random", "tiny-random")
 # Original-format checkpoints need moshi's Mimi weights and the Llama-3.2 tokenizer from the HF hub.
 MIMI_REPO, MIMI_FILE = "kyutai/moshiko-pytorch-bf16", "tokenizer-e351c8d8-checkpoint125.safetensors"

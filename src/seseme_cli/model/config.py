@@ -14,6 +14,8 @@ from pathlib import Path
 
 from seseme_cli.errors import InputError, SesemeError
 
+DEFAULT_MODEL = "sesame/csm-1b"  # here (no torch import) so that the CLI's --help can show it
+
 
 @dataclass(frozen=True)
 class RopeScaling:

@@ -13,7 +13,6 @@ import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from seseme_cli.errors import InputError
 
@@ -59,6 +58,8 @@ def _text(value, what: str) -> str:
 def as_audio(audio, what: str = "audio") -> torch.Tensor:
     """1-D float32 CPU tensor from a tensor, numpy array or list of samples. Integer samples are PCM: int16 is
     scaled by 1/32768 (int32 by 1/2^31) so they mean the same as float audio in [-1, 1]."""
+    import torch  # here, not at the top: the CLI reads this module's defaults for --help without torch
+
     if isinstance(audio, (list, tuple)):
         audio = np.asarray(audio, dtype=np.float32)
     if isinstance(audio, np.ndarray):
@@ -102,6 +103,8 @@ class Turn:
     codes: torch.Tensor
 
     def __post_init__(self):
+        import torch
+
         self.speaker = _integer(self.speaker, "Turn.speaker")
         self.text = _text(self.text, "Turn.text")
         if not isinstance(self.codes, torch.Tensor) or self.codes.dim() != 2:
