@@ -155,3 +155,26 @@ def test_say_batch_and_the_api_give_the_same_codes(tts, tmp_path):
     b, _ = sf.read(tmp_path / "out" / "same.wav", dtype="int16")
     assert a.shape == b.shape == (said.shape[0] * 1920,)
     assert np.abs(a.astype(np.int32) - b).max() <= 1
+
+
+def test_a_failed_step_fails_every_request_in_it_and_the_loop_runs_on(tts, monkeypatch):
+    engine = engine_for(tts, 2, decode_audio=True, audio_slots=2)
+    handles = [engine.add_request(req("One.", 800, 1)), engine.add_request(req("Two.", 800, 2))]
+    engine.step()
+    step = engine.runner.step
+
+    def broken(n):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(engine.runner, "step", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        engine.step()
+    monkeypatch.setattr(engine.runner, "step", step)
+    assert all(h.status == FAILED and "illegal memory access" in h.error for h in handles)
+    # Rows, decoder slots and prompts were all handed back: two new requests run as if alone.
+    again = [engine.add_request(req("One.", 800, 1)), engine.add_request(req("Two.", 800, 2))]
+    engine.drain()
+    engine.close()
+    assert [h.status for h in again] == [FINISHED, FINISHED]
+    for handle, request in zip(again, (req("One.", 800, 1), req("Two.", 800, 2))):
+        assert torch.equal(handle.codes, codes_alone(tts, request))

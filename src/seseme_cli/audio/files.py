@@ -128,6 +128,34 @@ def umask() -> int:
     return mask
 
 
+def read_mono(source, target_sample_rate: int, max_seconds: float, what: str) -> np.ndarray:
+    """An audio file (a path or a binary file object) -> 1-D float32 at `target_sample_rate`, channels averaged,
+    at most `max_seconds` long. Every problem is one InputError line starting with `what`."""
+    try:
+        with sf.SoundFile(source) as f:
+            # A header can claim any rate; resampling 2^31 Hz to 24 kHz would allocate gigabytes for nothing.
+            if not MIN_SAMPLE_RATE <= f.samplerate <= MAX_SAMPLE_RATE:
+                raise InputError(f"{what}: sample rate {f.samplerate} Hz is outside "
+                                 f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+            # Read at most one sample more than allowed: a header may lie about the length, the data cannot.
+            limit = int(max_seconds * f.samplerate) + 1
+            data, rate = f.read(limit, dtype="float32", always_2d=True), f.samplerate  # (frames, channels)
+    except sf.LibsndfileError as e:  # error_string is libsndfile's reason without the repeated path
+        raise InputError(f"{what}: {e.error_string.rstrip('.')}") from None
+    except (OSError, RuntimeError, TypeError) as e:
+        raise InputError(f"{what}: {e}") from None
+    if data.shape[0] == 0:
+        raise InputError(f"{what}: the file holds no samples")
+    if data.shape[0] >= limit:
+        raise InputError(f"{what}: it is longer than {max_seconds:g} s")
+    mono = data.mean(axis=1)
+    if not np.isfinite(mono).all():
+        raise InputError(f"{what}: it holds NaN or infinite samples")
+    if rate != target_sample_rate:
+        mono = soxr.resample(mono, rate, target_sample_rate, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
 def load_audio(path, target_sample_rate: int = 24000) -> torch.Tensor:
     """Read an audio file as 1-D float32 at `target_sample_rate`; several channels are averaged."""
     path = Path(path)
@@ -135,31 +163,7 @@ def load_audio(path, target_sample_rate: int = 24000) -> torch.Tensor:
         raise InputError(f"cannot read audio {path}: no such file")
     if path.is_dir():
         raise InputError(f"cannot read audio {path}: it is a directory")
-    try:
-        info = sf.info(str(path))
-    except sf.LibsndfileError as e:  # error_string is libsndfile's reason without the repeated path
-        raise InputError(f"cannot read audio {path}: {e.error_string.rstrip('.')}") from None
-    except (OSError, RuntimeError) as e:
-        raise InputError(f"cannot read audio {path}: {e}") from None
-    # A header can claim any rate; resampling 2^31 Hz to 24 kHz would allocate gigabytes for nothing.
-    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
-        raise InputError(f"cannot read audio {path}: sample rate {info.samplerate} Hz is outside "
-                         f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
-    if info.frames > info.samplerate * MAX_CONTEXT_SECONDS:
-        raise InputError(f"cannot read audio {path}: {info.frames / info.samplerate:.0f} s is longer than "
-                         f"{MAX_CONTEXT_SECONDS} s")
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (frames, channels)
-    except sf.LibsndfileError as e:  # error_string is libsndfile's reason without the repeated path
-        raise InputError(f"cannot read audio {path}: {e.error_string.rstrip('.')}") from None
-    except (OSError, RuntimeError) as e:
-        raise InputError(f"cannot read audio {path}: {e}") from None
-    if data.shape[0] == 0:
-        raise InputError(f"cannot read audio {path}: the file holds no samples")
-    mono = data.mean(axis=1)
-    if rate != target_sample_rate:
-        mono = soxr.resample(mono, rate, target_sample_rate, quality="HQ")
-    return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
+    return torch.from_numpy(read_mono(str(path), target_sample_rate, MAX_CONTEXT_SECONDS, f"cannot read audio {path}"))
 
 
 def check_output_path(path) -> None:

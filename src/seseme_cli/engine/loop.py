@@ -178,8 +178,13 @@ class SpeechEngine:
         with self._lock:
             handles, self._live, self._arrivals = list(self._live), set(), []
         self.waiting.clear()
+        if self.audio is not None:  # the requests' decoder slots are free again
+            taken = [r.slot for r in self.rows if r is not None] + [ending[0].slot for ending in self._endings]
+            self._slots_free.extend(taken)
         self.rows = [None] * self.B
-        self._endings, self._inflight = [], collections.deque()
+        self._endings, self._inflight, self._pending = [], collections.deque(), {}
+        for row in range(self.B):  # every row starts over from a one-frame prompt
+            self._park(row)
         for handle in handles:
             handle.deliver_end(FAILED, error)
 

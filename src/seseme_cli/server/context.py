@@ -12,10 +12,8 @@ import binascii
 import io
 
 import numpy as np
-import soundfile as sf
-import soxr
 
-from seseme_cli.audio.files import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from seseme_cli.audio.files import read_mono
 from seseme_cli.errors import InputError
 from seseme_cli.server.errors import bad_request
 from seseme_cli.speech.request import Segment
@@ -31,29 +29,13 @@ def decode_audio(data: str, sample_rate: int, max_seconds: float, param: str, li
     if not raw:
         raise bad_request(f"{param} is empty", param)
     try:
-        with sf.SoundFile(io.BytesIO(raw)) as f:
-            if not MIN_SAMPLE_RATE <= f.samplerate <= MAX_SAMPLE_RATE:
-                raise bad_request(f"{param}: sample rate {f.samplerate} Hz is outside "
-                                  f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz", param)
-            # Read at most one sample more than allowed: a header may lie about the length, the data cannot.
-            limit = int(max_seconds * f.samplerate) + 1
-            audio = f.read(limit, dtype="float32", always_2d=True)
-            rate = f.samplerate
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        reason = getattr(e, "error_string", "") or str(e) or "unknown format"
-        raise bad_request(f"{param} is not a readable audio file (wav, flac, ogg or mp3): {reason.rstrip('.')}",
-                          param) from None
-    if audio.shape[0] == 0:
-        raise bad_request(f"{param} holds no samples", param)
-    if audio.shape[0] >= limit:
-        raise bad_request(f"{param}: the request's context audio is longer than the server's limit of "
-                          f"{limit_s or max_seconds:g} s in all", param)
-    mono = audio.mean(axis=1)
-    if not np.isfinite(mono).all():
-        raise bad_request(f"{param} holds NaN or infinite samples", param)
-    if rate != sample_rate:
-        mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
-    return np.ascontiguousarray(mono, dtype=np.float32)
+        return read_mono(io.BytesIO(raw), sample_rate, max_seconds, param)
+    except InputError as e:
+        message = str(e)
+        if message.endswith(f"longer than {max_seconds:g} s"):
+            message = f"{param}: the request's context audio is longer than the server's limit of " \
+                      f"{limit_s or max_seconds:g} s in all"
+        raise bad_request(message, param) from None
 
 
 def decode_context(turns, sample_rate: int, max_seconds: float) -> list[Segment]:
