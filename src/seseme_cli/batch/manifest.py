@@ -241,7 +241,8 @@ def stale_temp_files(output: Path) -> list[Path]:
 def exclusive_run(folder: Path, input: Path):
     """Hold `<folder>/.<input stem>.lock` (an flock) for the run: a second `seseme batch` on the same input and
     folder would plan the same missing outputs and generate them twice, so it stops with one line instead. The
-    lock goes with the process (also after kill -9); the file may stay, empty."""
+    lock goes with the process (also after kill -9, which leaves the empty file; the next run takes it over).
+    The file is removed while still locked, so a run that opens it meanwhile fails to lock and stops."""
     import fcntl
 
     from seseme_cli.errors import InputError
@@ -257,7 +258,11 @@ def exclusive_run(folder: Path, input: Path):
         except BlockingIOError:
             raise InputError(f"another seseme batch is already running on {input.name} into {folder} (it holds "
                              f"{path}); wait for it to finish or use another --out-dir") from None
-        yield
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
     finally:
         handle.close()
 

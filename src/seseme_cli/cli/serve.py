@@ -26,7 +26,7 @@ DeviceOption = Annotated[Optional[str], typer.Option(
 
 
 def _device(device: str | None) -> str:
-    from seseme_cli.cli.main import Device, pick_device
+    from seseme_cli.cli.common import Device, pick_device
 
     try:
         choice = Device(device) if device is not None else None
@@ -78,7 +78,7 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
 ) -> None:
     """Serve OpenAI's /v1/audio/speech (streaming, continuous batching) until SIGTERM or Ctrl+C, then drain."""
-    from seseme_cli.cli.main import err, load_model, out, user_errors
+    from seseme_cli.cli.common import err, load_model, out, user_errors
     from seseme_cli.errors import SesemeError
     from seseme_cli.server.app import create_app
     from seseme_cli.server.http import make_server
@@ -137,7 +137,7 @@ def voice_add(
 ) -> None:
     """Encode CLIP once with the model's codec and store it as voice NAME."""
     from seseme_cli.audio.files import load_audio
-    from seseme_cli.cli.main import SAMPLE_RATE, err, out, user_errors
+    from seseme_cli.cli.common import SAMPLE_RATE, err, out, user_errors
     from seseme_cli.model.checkpoints import load_checkpoint
     from seseme_cli.server.voices import MAX_VOICE_SECONDS, VoiceFolder, check_name, codec_id
 
@@ -169,7 +169,7 @@ def voice_list(voices: VoicesDir = None) -> None:
     """List the stored voices."""
     from rich.table import Table
 
-    from seseme_cli.cli.main import out, user_errors
+    from seseme_cli.cli.common import out, user_errors
     from seseme_cli.server.voices import VoiceFolder
 
     with user_errors():
@@ -196,7 +196,7 @@ def voice_list(voices: VoicesDir = None) -> None:
 @voice_app.command("remove")
 def voice_remove(name: Annotated[str, typer.Argument(help="The voice to remove.")], voices: VoicesDir = None) -> None:
     """Remove a stored voice."""
-    from seseme_cli.cli.main import out, user_errors
+    from seseme_cli.cli.common import out, user_errors
     from seseme_cli.server.voices import VoiceFolder
 
     with user_errors():
