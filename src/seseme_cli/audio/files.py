@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
 import soxr
 
 from seseme_cli.errors import InputError
@@ -158,6 +157,8 @@ def read_mono(source, target_sample_rate: int, max_seconds: float, what: str) ->
 
 def load_audio(path, target_sample_rate: int = 24000) -> torch.Tensor:
     """Read an audio file as 1-D float32 at `target_sample_rate`; several channels are averaged."""
+    import torch  # here: the CLI imports this module for its checks and --help, which need no torch
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"cannot read audio {path}: no such file")
@@ -289,7 +290,9 @@ def _pieces(audio) -> list[np.ndarray]:
     """write_audio's input as a list of 1-D numpy arrays, all float32 or all int16 (samples already converted by
     `pcm16` or `pcm16_on_device`), without copies where none are needed. numpy, not torch, from here on: torch's
     CPU ops share one intra-op thread pool, and writer threads would queue on it."""
-    if isinstance(audio, torch.Tensor):
+    if type(audio).__module__.startswith("torch"):  # a tensor (torch is loaded then: no import cost)
+        import torch
+
         audio = audio.detach().cpu()
         audio = (audio if audio.dtype == torch.int16 else audio.float()).numpy()
     pieces = list(audio) if isinstance(audio, (list, tuple)) else [audio]
@@ -330,6 +333,8 @@ def pcm16_on_device(samples: torch.Tensor) -> torch.Tensor:
     """`pcm16` for a tensor where it is (int16, same shape): floor(x * 32768) clipped, exact in fp32 as in numpy, so
     the samples are the same. `seseme batch` converts each round's audio of all rows at once on the GPU, copies half
     the bytes to the host, and leaves its writer only the file to write."""
+    import torch
+
     return torch.floor(samples.float() * 32768).clamp_(-32768, 32767).to(torch.int16)
 
 

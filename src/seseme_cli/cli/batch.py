@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -17,11 +17,13 @@ from rich.table import Table
 from seseme_cli.audio.files import SUPPORTED_FORMATS, writable_format
 from seseme_cli.batch.manifest import (Manifest, Request, exclusive_run, plan_outputs, read_requests,
                                        stale_temp_files)
-from seseme_cli.batch.run import BatchRun, BatchSettings, Tally
 from seseme_cli.cli import common
 from seseme_cli.errors import InputError
 from seseme_cli.model.config import DEFAULT_MODEL
 from seseme_cli.speech.request import DEFAULT_CHUNK_MS, FRAME_MS, SpeechRequest
+
+if TYPE_CHECKING:
+    from seseme_cli.batch.run import Tally
 
 MAX_FAILURES_SHOWN = 20
 
@@ -96,7 +98,10 @@ def _progress_bar(err_console) -> Progress:
     )
 
 
-def _generate(plan: Plan, tts, manifest: Manifest, settings: BatchSettings, err_console) -> tuple[Tally, float, int]:
+def _generate(plan: Plan, tts, manifest: Manifest, batch_size: int | None, err_console) -> tuple[Tally, float, int]:
+    from seseme_cli.batch.run import BatchRun, BatchSettings  # torch: only when there is work
+
+    settings = BatchSettings(batch_size)
     with _progress_bar(err_console) as bar:
         task = bar.add_task("generating", total=len(plan.todo), audio=0.0, fps=0.0, rtf=0.0)
 
@@ -156,7 +161,7 @@ def run(plan: Plan, tts, batch_size: int | None, out_console, err_console, progr
     try:
         _record_before_run(plan, manifest)
         if plan.todo:
-            tally, wall, frames = _generate(plan, tts, manifest, BatchSettings(batch_size),
+            tally, wall, frames = _generate(plan, tts, manifest, batch_size,
                                             progress_console or err_console)
     finally:
         manifest.close()
