@@ -11,10 +11,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from seseme_cli import load_csm_1b_optimized
-from seseme_cli.tools.bench import bench_prompt
+from seseme_cli.tools.bench import bench_prompt, bench_text
 from seseme_cli.engine.frame import run_frame
-from seseme_cli.speech.longform import Generation
-from seseme_cli.audio.stream import StreamDecoder, stream_generation
+from seseme_cli.audio.stream import StreamDecoder
+from seseme_cli.speech.request import SpeechRequest
 
 
 def wall(fn, repeats=7):
@@ -135,10 +135,10 @@ def first_audio_parts(tts):
     eight = wall(lambda: enter_decode_exit(8))
     print(f"Mimi streaming: enter+exit {enter:.2f} ms, + first 1-frame decode {one - enter:.2f} ms, "
           f"later 1-frame decodes {(eight - one) / 7:.2f} ms each")
-    tokens, mask = bench_prompt(tts)
+    request = SpeechRequest.make(bench_text(tts), max_audio_ms=50 * 80, seed=0)
 
-    def first_audio():
-        stream = stream_generation(tts, Generation(tokens, mask, 50, 0), first_chunk_frames=1)
+    def first_audio():  # through the engine loop, as `seseme bench` times it
+        stream = tts.stream_request(request, first_chunk_frames=1)
         next(stream)
         stream.close()
 
