@@ -17,11 +17,11 @@ tts = load_csm_1b_optimized("random", "cuda")
 B = 512
 tts.setup_caches(B)
 eng = tts.engine
-jobs = [tts.speech_job("Your order has shipped and should arrive on Thursday.", i % 2, (), 4000, 0.9, 50, i) for i in range(B)]
+text = "Your order has shipped and should arrive on Thursday."
 reqs = []
-for i, j in enumerate(jobs):
-    g = j.next_generation()
-    reqs.append((i, g.tokens, g.mask, 0.9, 50, i))
+for i in range(B):
+    tokens, mask = tts.build_prompt(text, i % 2)
+    reqs.append((i, tokens, mask, 0.9, 50, i))
 print(f"prompt frames {reqs[0][1].shape[0]}, prefill rows {sum(r[1].shape[0] - 1 for r in reqs)}")
 for chunk in (256, 1024, 2048):
     eng.prefill = Prefill(tts.model, eng.weights.backbone, eng.tuning, eng.buf.linear_workspace, chunk_rows=chunk)
