@@ -119,49 +119,54 @@ class SpeechResponse(Response):
         call = getattr(encoder, method)
         return call(*args) if encoder.inline else await asyncio.to_thread(call, *args)
 
+    async def _encoded(self, encoder, first):
+        """The request's events, encoded: ("audio", bytes) per audio chunk, then one last item: ("finished", the
+        encoder's tail bytes), ("aborted" or "failed", the end status) or ("cancelled", None: the client left)."""
+        event = first
+        while True:
+            kind, value = event
+            if kind == "audio":
+                yield "audio", await self._encode(encoder, "write", value)
+            elif kind == "end" and value == "finished":
+                yield "finished", await self._encode(encoder, "finish")
+                return
+            elif kind == "end":
+                yield ("aborted" if value == "aborted" else "failed"), value
+                return
+            else:
+                yield "cancelled", None
+                return
+            event = await self.stream.next()  # only audio gets here
+
     async def _audio_stream(self, send, first) -> str:
         encoder = make_encoder(self.plan.format, self.service.sample_rate, streaming=True)
         await send({"type": "http.response.start", "status": 200, "headers": self._headers({})})
-        event = first
         try:
-            while True:
-                kind, value = event
-                if kind == "audio":
-                    data = await self._encode(encoder, "write", value)
-                    if data:
-                        await send({"type": "http.response.body", "body": data, "more_body": True})
-                elif kind == "end" and value == "finished":
-                    tail = await self._encode(encoder, "finish")
-                    await send({"type": "http.response.body", "body": tail, "more_body": False})
-                    return "finished"
-                elif kind == "end":  # cut the stream: no final chunk, so the client knows it is incomplete
-                    log.warning("request %s %s mid-stream: %s", self.plan.request_id, value,
-                                self.stream.handle.error or value)
-                    return "aborted" if value == "aborted" else "failed"
-                else:
-                    return "cancelled"
-                event = await self.stream.next()  # only audio gets here
+            async for kind, data in self._encoded(encoder, first):
+                if kind == "audio" and data:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                elif kind == "finished":
+                    await send({"type": "http.response.body", "body": data, "more_body": False})
+                elif kind in ("aborted", "failed"):  # cut the stream: no final chunk, so the client knows
+                    log.warning("request %s %s mid-stream: %s", self.plan.request_id, data,
+                                self.stream.handle.error or data)
+                if kind != "audio":
+                    return kind
         finally:
             encoder.close()
 
     async def _whole(self, send, first) -> str:
         encoder = make_encoder(self.plan.format, self.service.sample_rate, streaming=False)
-        pieces, event = [], first
+        pieces = []
         try:
-            while True:
-                kind, value = event
-                if kind == "audio":
-                    pieces.append(await self._encode(encoder, "write", value))
-                elif kind == "end" and value == "finished":
-                    pieces.append(await self._encode(encoder, "finish"))
-                    break
-                elif kind == "end":
-                    error = self._end_error(value)
+            async for kind, data in self._encoded(encoder, first):
+                if kind in ("audio", "finished"):
+                    pieces.append(data)
+                elif kind in ("aborted", "failed"):
+                    error = self._end_error(data)
                     await self._send_json(send, error.status, error.body(), error.headers)
-                    return "aborted" if value == "aborted" else "failed"
-                else:
-                    return "cancelled"
-                event = await self.stream.next()  # only audio gets here
+                if kind not in ("audio", "finished"):
+                    return kind
         finally:
             encoder.close()
         body = b"".join(pieces)
@@ -182,33 +187,20 @@ class SpeechResponse(Response):
             data = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
-        def delta(data: bytes) -> dict:
-            return {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")}
-
-        current = first
         try:
-            while True:
-                kind, value = current
-                if kind == "audio":
-                    data = await self._encode(encoder, "write", value)
-                    if data:
-                        await event(delta(data))
-                elif kind == "end" and value == "finished":
-                    tail = await self._encode(encoder, "finish")
-                    if tail:
-                        await event(delta(tail))
+            async for kind, data in self._encoded(encoder, first):
+                if kind in ("audio", "finished") and data:
+                    await event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode("ascii")})
+                if kind == "finished":
                     tokens = self.service.count_tokens(self.plan.request.text)
                     frames = self.stream.handle.frames
                     usage = {"input_tokens": tokens, "output_tokens": frames, "total_tokens": tokens + frames}
                     await event({"type": "speech.audio.done", "usage": usage}, more=False)
-                    return "finished"
-                elif kind == "end":
-                    error = self._end_error(value)
+                elif kind in ("aborted", "failed"):
+                    error = self._end_error(data)
                     await event({"type": "error", **error.body()}, more=False)
-                    return "aborted" if value == "aborted" else "failed"
-                else:
-                    return "cancelled"
-                current = await self.stream.next()  # only audio gets here
+                if kind != "audio":
+                    return kind
         finally:
             encoder.close()
 
