@@ -111,3 +111,28 @@ def assert_allocates_nothing(step, repeats: int = 3, warm_up_on_side_stream: boo
         step()
     torch.cuda.synchronize()
     assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, "the steady state allocated"
+
+
+class FullDisk:
+    """A file whose writes fail with ENOSPC once `room` bytes are in: a disk that fills up."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        import errno
+        import os
+
+        if self.room < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()

@@ -1,6 +1,5 @@
 """Audio file reading and atomic writing, on real files in tmp_path."""
 
-import errno
 import os
 import struct
 
@@ -15,6 +14,7 @@ from seseme_cli.audio.files import (SUPPORTED_FORMATS, PendingAudioFile, check_o
 from seseme_cli.audio.stream import FileSink
 from seseme_cli.batch.manifest import stale_temp_files
 from seseme_cli.errors import InputError
+from conftest import FullDisk
 
 
 def _tone(seconds, rate, freq=440.0):
@@ -110,33 +110,11 @@ def test_a_libsndfile_without_mp3_is_one_clear_line(tmp_path, monkeypatch):
 
 # --- a full disk -----------------------------------------------------------------------------------------------
 
-class _FullDisk:
-    """A file whose writes fail with ENOSPC once `room` bytes are in: a disk that fills up."""
-
-    def __init__(self, f, room: int):
-        self.f, self.room = f, room
-
-    def write(self, data):
-        if self.room < len(data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 @pytest.mark.parametrize("suffix", list(SUPPORTED_FORMATS))
 @pytest.mark.parametrize("room", [0, 1000])
 def test_disk_full_whole_file_is_one_line_and_no_file(tmp_path, monkeypatch, suffix, room, capfd):
     real_open = open
-    monkeypatch.setattr(files, "open", lambda *a, **k: _FullDisk(real_open(*a, **k), room), raising=False)
+    monkeypatch.setattr(files, "open", lambda *a, **k: FullDisk(real_open(*a, **k), room), raising=False)
     path = tmp_path / f"out{suffix}"
     with pytest.raises(InputError, match=f"^cannot write {path}: No space left on device$"):
         write_audio(path, torch.from_numpy(_tone(1.0, 24000)), 24000)
@@ -150,7 +128,7 @@ def test_disk_full_while_streaming_is_one_line_and_no_file(tmp_path, monkeypatch
     import seseme_cli.audio.stream as stream
 
     real_fdopen = os.fdopen
-    monkeypatch.setattr(stream.os, "fdopen", lambda *a, **k: _FullDisk(real_fdopen(*a, **k), room))
+    monkeypatch.setattr(stream.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k), room))
     path = tmp_path / f"out{suffix}"
     audio = torch.from_numpy(_tone(1.0, 24000))
     with pytest.raises(InputError, match=f"^cannot write {path}: No space left on device$"):

@@ -2,7 +2,6 @@
 doctor, signals and full disks during `say --stream`, --play without a sound device, mp3/opus, batch's options,
 and usage errors as one line. Bad-input tables for `say` are in test_cli.py."""
 
-import errno
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from typer.testing import CliRunner
 import seseme_cli
 import seseme_cli.api
 from seseme_cli.cli import main as cli, probe
+from conftest import FullDisk
 
 FRAME_SAMPLES = 1920
 TINY = ["--model", "tiny-random", "--device", "cpu"]
@@ -207,31 +207,12 @@ def test_disk_full_is_one_line_and_no_file(tmp_path, monkeypatch, stream):
     import seseme_cli.audio.files as files
     import seseme_cli.audio.stream as streaming
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            full()
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
     if stream:
         real = os.fdopen
-        monkeypatch.setattr(streaming.os, "fdopen", lambda *a, **k: FullDisk(real(*a, **k)))
+        monkeypatch.setattr(streaming.os, "fdopen", lambda *a, **k: FullDisk(real(*a, **k), room=0))
     else:
         real_open = open
-        monkeypatch.setattr(files, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+        monkeypatch.setattr(files, "open", lambda *a, **k: FullDisk(real_open(*a, **k), room=0), raising=False)
     out = tmp_path / "out.wav"
     result = invoke("say", "Hello there.", "-o", out, "--codes", tmp_path / "codes.npy", *FAST,
                     *(["--stream"] if stream else []))
