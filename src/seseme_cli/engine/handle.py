@@ -32,7 +32,8 @@ class RequestAborted(SesemeError):
 
 
 class RequestHandle:
-    def __init__(self, request: SpeechRequest, request_id: str | None = None, on_event=None, keep_audio: bool = True):
+    def __init__(self, request: SpeechRequest, request_id: str | None = None, on_event=None, keep_audio: bool = True,
+                 low_latency: bool = False):
         self.request = request
         self.id = request_id if request_id is not None else f"req-{next(_ids)}"
         self.on_event = on_event
@@ -53,7 +54,7 @@ class RequestHandle:
         self.first_audio: float | None = None
         self.ended: float | None = None
         self.abort_requested = False
-        self.low_latency = False  # a listener waits for its first audio (engine.loop: no lag, a small first chunk)
+        self.low_latency = low_latency  # a listener waits for its first audio (engine.loop: no lag, small first chunk)
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
 

@@ -131,8 +131,7 @@ class SpeechEngine:
         decoded at once, in a small first chunk; otherwise its audio goes out with the regular rounds."""
         if not isinstance(request, SpeechRequest):
             raise InputError(f"add_request takes a SpeechRequest, got {type(request).__name__}")
-        handle = RequestHandle(request, request_id, on_event, keep_audio)
-        handle.low_latency = low_latency
+        handle = RequestHandle(request, request_id, on_event, keep_audio, low_latency)
         with self._lock:
             if self.max_waiting is not None and len(self.waiting) + len(self._arrivals) >= self.max_waiting:
                 raise QueueFull(f"{self.max_waiting} requests are already waiting")
