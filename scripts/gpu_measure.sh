@@ -14,4 +14,4 @@ python3 scripts/make_requests.py /tmp/eq/eq.jsonl 512 > /dev/null
 python3 scripts/make_requests.py /tmp/mixed/mixed.jsonl 1024 --mixed > /dev/null
 step timeout 120 seseme batch /tmp/eq/eq.jsonl --model random
 step timeout 150 seseme batch /tmp/mixed/mixed.jsonl --model random
-if [ "${SERVE:-0}" = 1 ]; then step timeout 200 bash scripts/gpu_serve_bench.sh "${LEVELS:-1,64,256,512}" 12; fi
+if [ "${SERVE:-0}" = 1 ]; then step timeout 200 bash scripts/gpu_serve_bench.sh "${LEVELS:-1,64,256,512}" "${SERVE_SECONDS:-12}"; fi

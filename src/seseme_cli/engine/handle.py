@@ -51,6 +51,7 @@ class RequestHandle:
         self.samples = 0
         self.created = time.perf_counter()
         self.started: float | None = None  # admitted into a row
+        self.first_frame: float | None = None  # its first frame's codes reached the host
         self.first_audio: float | None = None
         self.ended: float | None = None
         self.abort_requested = False

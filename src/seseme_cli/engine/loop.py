@@ -349,6 +349,8 @@ class SpeechEngine:
                 continue
             frame = frames[row]
             state.pieces.append(frame)
+            if not state.handle.frames:
+                state.handle.first_frame = time.perf_counter()
             state.handle.frames += 1
             self.stats.frames += 1
             if self.audio is not None:
