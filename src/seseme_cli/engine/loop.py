@@ -38,6 +38,7 @@ from seseme_cli.speech.request import SpeechRequest
 
 CHUNK_FRAMES = 8  # frames per audio round once every request has its first audio
 ADMIT_EVERY = 4  # steps a request nobody listens to may wait so that admissions share one prefill
+SYNC_FIRST_CHUNK_ROWS = 8  # busy rows up to which a listener's first chunk is decoded before the next frame
 
 
 class QueueFull(SesemeError):
@@ -423,10 +424,11 @@ class SpeechEngine:
                 listed.append((state.slot, state, kept, goes_on))
                 state.audio = []
             self.audio.round(frames, listed, fresh)
-            if first:
+            if first and len(active) <= SYNC_FIRST_CHUNK_ROWS:
                 # A listener's first chunk: decode it with the GPU and the GIL to itself (the next frames would
                 # queue their kernels ahead of the decode's and hold the GIL for their launches). Costs the other
-                # rows about one graphed decode (~1 ms), once per listener.
+                # rows one decode of every slot, once per listener: only worth it while few rows run (under load
+                # new listeners come every step, and the wait would stall every stream each time).
                 self.audio.sync()
         for state, status, error, exception in ending:
             self.audio.end(state, self._finisher(state, status, error, exception))
