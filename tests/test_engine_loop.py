@@ -178,3 +178,26 @@ def test_a_failed_step_fails_every_request_in_it_and_the_loop_runs_on(tts, monke
     assert [h.status for h in again] == [FINISHED, FINISHED]
     for handle, request in zip(again, (req("One.", 800, 1), req("Two.", 800, 2))):
         assert torch.equal(handle.codes, codes_alone(tts, request))
+
+
+def test_a_burst_of_arrivals_is_admitted_over_several_steps_while_rows_generate(tts):
+    """The prefill budget: a busy engine takes new prompts up to ~prefill_rows_per_step rows a step (the running
+    row would otherwise wait for one long prefill); the codes are the same as alone."""
+    requests = [req(f"Request number {i} arrives in a burst.", 400, 20 + i) for i in range(3)]
+    engine = engine_for(tts, 4, prefill_rows_per_step=1)
+    running = engine.add_request(req("Already generating.", 1600, 19))
+    engine.step()
+    handles = [engine.add_request(r) for r in requests]
+    admitted_at = {}
+    for step in range(12):
+        engine.step()
+        for i, h in enumerate(handles):
+            if h.started is not None:
+                admitted_at.setdefault(i, step)
+    engine.drain()
+    engine.close()
+    assert sorted(admitted_at.values()) == sorted(set(admitted_at.values())), admitted_at  # one per step
+    assert len(admitted_at) == 3
+    for request, handle in zip(requests, handles):
+        assert torch.equal(handle.codes, codes_alone(tts, request))
+    assert running.status == FINISHED

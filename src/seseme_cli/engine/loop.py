@@ -79,16 +79,21 @@ class _Row:
 class SpeechEngine:
     """The loop over `tts`'s frame engine (`tts.setup_caches(max_batch)` first). `decode_audio`: decode each
     request's audio as it generates (else handles get codes only); `pcm16`: decode to int16 samples;
-    `max_waiting`: add_request raises QueueFull beyond this many waiting requests (None: no limit)."""
+    `max_waiting`: add_request raises QueueFull beyond this many waiting requests (None: no limit);
+    `prefill_rows_per_step`: while rows are generating, a step admits new prompts up to about this many prefill
+    rows (default: one prefill chunk, about one step's GPU time at the engine's size), so that a burst of arrivals
+    never stalls the running streams for long; into an idle engine everything goes at once."""
 
     def __init__(self, tts, decode_audio: bool = True, pcm16: bool = False, max_waiting: int | None = None,
-                 first_chunk_frames: int = 1, chunk_frames: int = CHUNK_FRAMES, audio_slots: int | None = None):
+                 first_chunk_frames: int = 1, chunk_frames: int = CHUNK_FRAMES, audio_slots: int | None = None,
+                 prefill_rows_per_step: int | None = None):
         self.tts = tts
         self.runner = tts.engine
         self.cfg = tts.config
         self.B, self.K, self.window = self.runner.max_batch, self.cfg.num_codebooks, self.cfg.max_seq_len
         self.prompts = PromptBuilder(tts.tokenizer, tts.config)
         self.max_waiting = max_waiting
+        self.prefill_rows_per_step = prefill_rows_per_step or self.runner.prefill.chunk_rows
         self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
         self.stats = Stats()
         self.rows: list[_Row | None] = [None] * self.B
@@ -289,7 +294,9 @@ class SpeechEngine:
         if not self._admit_now(free):
             return
         self._admit_wait = 0
-        while self.waiting and free and (self.audio is None or self._slots_free):
+        budget = self.prefill_rows_per_step if len(free) < self.B else None  # None: nobody would wait for it
+        rows = 0
+        while self.waiting and free and (self.audio is None or self._slots_free) and (budget is None or rows < budget):
             handle = self.waiting.popleft()
             try:
                 job = SpeechJob(handle.request, self.tts.encode_context(handle.request.context), self.prompts)
@@ -303,6 +310,7 @@ class SpeechEngine:
             handle.status, handle.started, handle.chunks_total = RUNNING, time.perf_counter(), len(job.chunks)
             self.rows[row] = state
             self._start_generation(row, state, gen)
+            rows += gen.tokens.shape[0] - 1
 
     def _start_generation(self, row: int, state: _Row, gen) -> None:
         sampling = state.handle.request.sampling
