@@ -40,7 +40,9 @@ class Tally:
     audio_s: float = 0.0
     special: int = 0  # special ids decoded as code 0
     truncated: int = 0  # requests with a long-form chunk cut at its limit
-    batch_size: int = 0
+    batch_size: int = 0  # engine rows (of each replica)
+    replicas: int = 1  # engine replicas (seseme batch --gpus N)
+    retried: int = 0  # requests started again on another replica after theirs died
     setup_s: float = 0.0  # engine (CUDA graphs) and decoder set-up, before generation starts
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -226,15 +228,23 @@ class BatchRun:
                 return
             handle = self.handles.pop(id(req))
             if status == FINISHED:
-                if handle.truncated:
-                    with self.tally.lock:
-                        self.tally.truncated += 1
-                writer.submit(req, handle.pieces, handle.special)
+                self.ended(req, writer, handle.pieces, handle.special, handle.truncated)
             else:
-                writer.discard(req)
-                self.record(req, None, handle.error or status)
+                self.ended(req, writer, None, error=handle.error or status)
 
         return on_event
+
+    def ended(self, req: Request, writer: "Writer", pieces: list[np.ndarray] | None, special: int = 0,
+              truncated: int = 0, error: str | None = None) -> None:
+        """A request is over: write its audio (`pieces`), or record why it failed."""
+        if pieces is None:
+            writer.discard(req)
+            self.record(req, None, error)
+            return
+        if truncated:
+            with self.tally.lock:
+                self.tally.truncated += 1
+        writer.submit(req, pieces, special)
 
     def _add(self, engine, req: Request, writer: "Writer") -> None:
         """Queue one request: its context files are read and encoded once per file (ContextCache)."""

@@ -24,6 +24,7 @@ from seseme_cli.speech.request import DEFAULT_CHUNK_MS, FRAME_MS, SpeechRequest
 
 if TYPE_CHECKING:
     from seseme_cli.batch.run import Tally
+    from seseme_cli.replicas.cluster import ReplicaSpec
 
 MAX_FAILURES_SHOWN = 20
 
@@ -98,7 +99,8 @@ def _progress_bar(err_console) -> Progress:
     )
 
 
-def _generate(plan: Plan, tts, manifest: Manifest, batch_size: int | None, err_console) -> tuple[Tally, float, int]:
+def _generate(plan: Plan, tts, manifest: Manifest, batch_size: int | None, err_console,
+              replicas: ReplicaSpec | None = None) -> tuple[Tally, float, int]:
     from seseme_cli.batch.run import BatchRun, BatchSettings  # torch: only when there is work
 
     settings = BatchSettings(batch_size)
@@ -110,10 +112,24 @@ def _generate(plan: Plan, tts, manifest: Manifest, batch_size: int | None, err_c
             audio = stats.frames * FRAME_MS / 1000
             bar.update(task, completed=tally.done, audio=audio, fps=stats.frames / wall, rtf=audio / wall)
 
-        runner = BatchRun(tts, manifest, settings, progress)
+        if replicas is None:
+            runner = BatchRun(tts, manifest, settings, progress)
+        else:
+            from seseme_cli.batch.replicas import ReplicaRun
+
+            runner = ReplicaRun(replicas, manifest, settings, progress, on_ready=_replicas_ready)
         tally = runner.run(plan.todo)
         progress(tally, runner.stats)
     return tally, runner.stats.seconds, runner.stats.frames
+
+
+def _replicas_ready(infos) -> None:
+    info = infos[0]
+    common.info(f"{len(infos)} engine replicas ready: {info.description}, {info.rows} rows each "
+                f"(set-up {max(i.setup_s for i in infos):.1f} s)")
+    if info.is_random:
+        common.err.print("WARNING: the model has RANDOM weights: the output is noise, not speech.", style="bold red",
+                         markup=False)
 
 
 def _summary(plan: Plan, tally: Tally | None, wall: float, frames: int, out_console) -> None:
@@ -128,8 +144,16 @@ def _summary(plan: Plan, tally: Tally | None, wall: float, frames: int, out_cons
     table.add_row("failed", str(failed), style="bold red" if failed else None)
     if tally and tally.ok:
         table.add_row("audio", f"{tally.audio_s:.1f} s")
-        table.add_row("set-up", f"{tally.setup_s:.1f} s (engine, CUDA graphs, decoder)")
-        table.add_row("generation time", f"{wall:.2f} s (batch size {tally.batch_size}; until the last file)")
+        if tally.replicas > 1:
+            table.add_row("set-up", f"{tally.setup_s:.1f} s (Ray, {tally.replicas} replicas: model, engine, "
+                                    "CUDA graphs, decoder)")
+            table.add_row("generation time", f"{wall:.2f} s ({tally.replicas} replicas, batch size {tally.batch_size} "
+                                             "each; until the last file)")
+            if tally.retried:
+                table.add_row("retried", f"{tally.retried} (their replica died)", style="yellow")
+        else:
+            table.add_row("set-up", f"{tally.setup_s:.1f} s (engine, CUDA graphs, decoder)")
+            table.add_row("generation time", f"{wall:.2f} s (batch size {tally.batch_size}; until the last file)")
         table.add_row("frames/s", f"{frames / max(wall, 1e-9):.0f}")
         table.add_row("real-time factor", f"{frames * FRAME_MS / 1000 / max(wall, 1e-9):.1f}x")
     table.add_row("outputs", str(plan.out_dir))
@@ -153,16 +177,17 @@ def _failures(plan: Plan, tally: Tally | None, out_console) -> int:
 
 
 def run(plan: Plan, tts, batch_size: int | None, out_console, err_console, progress_console=None,
-        summary: bool = True) -> int:
-    """Generate the plan's requests (progress bar on `progress_console`, default `err_console`); print the summary
-    (unless not `summary`) and the failed requests; return how many requests failed."""
+        summary: bool = True, replicas: ReplicaSpec | None = None) -> int:
+    """Generate the plan's requests (progress bar on `progress_console`, default `err_console`) with `tts`, or
+    with `replicas` (then `tts` is None); print the summary (unless not `summary`) and the failed requests; return
+    how many requests failed."""
     manifest = Manifest(plan.manifest_path, plan.out_dir)
     tally, wall, frames = None, 0.0, 0
     try:
         _record_before_run(plan, manifest)
         if plan.todo:
             tally, wall, frames = _generate(plan, tts, manifest, batch_size,
-                                            progress_console or err_console)
+                                            progress_console or err_console, replicas)
     finally:
         manifest.close()
     if tally and tally.truncated:
@@ -177,6 +202,18 @@ def run(plan: Plan, tts, batch_size: int | None, out_console, err_console, progr
 
 
 # --- the command ------------------------------------------------------------------------------------------
+
+def _replicas(gpus: str | None, replicas: int | None, device: common.Device | None, model: str) -> ReplicaSpec | None:
+    """The replicas --gpus / --replicas ask for, or None for the single-process path (then nothing of Ray is
+    imported, nor torch before there is work)."""
+    if gpus is None and replicas is None:
+        return None
+    from seseme_cli.replicas.cluster import ReplicaSpec, replica_count
+
+    device_name = common.pick_device(device)
+    count = replica_count(gpus, replicas, device_name)
+    return ReplicaSpec(count, model, device_name) if count > 1 else None
+
 
 AudioFormat = Enum("AudioFormat", {suffix[1:]: suffix[1:] for suffix in SUPPORTED_FORMATS}, type=str)
 
@@ -196,6 +233,12 @@ def batch(
         help="Hugging Face id, local checkpoint, 'random' or 'tiny-random'.")] = DEFAULT_MODEL,
     device: Annotated[Optional[common.Device], typer.Option(help="Where to run (default: cuda when available).")]
     = None,
+    gpus: Annotated[Optional[str], typer.Option(
+        metavar="N|all", show_default=False,
+        help="Spread the requests over N GPUs (or all), one engine replica each, through Ray (the `ray` extra). "
+             "Default: one GPU, in this process.")] = None,
+    replicas: Annotated[Optional[int], typer.Option(
+        hidden=True, help="Engine replicas on the CPU (with --device cpu): the --gpus path, for tests.")] = None,
 ) -> None:
     """Generate many requests from a JSONL file with continuous batching; skips outputs that already exist."""
     with common.user_errors():
@@ -204,9 +247,11 @@ def batch(
         SpeechRequest.make("-", chunk_ms=chunk_ms)  # checks --chunk-ms before the file is read
         writable_format(Path(f"x.{format.value}"), f"--format {format.value}")  # mp3 and opus need libsndfile 1.1+
         _check_paths(input, out_dir)
+        spec = _replicas(gpus, replicas, device, model)
         with exclusive_run(_out_dir(input, out_dir), input):
             steps = plan(input, out_dir, format.value, chunk_ms)
-            tts = common.load_model(model, common.pick_device(device)) if steps.todo else None
-            failed = run(steps, tts, batch_size, common.out, common.err, common.note, summary=not common.quiet())
+            tts = common.load_model(model, common.pick_device(device)) if steps.todo and spec is None else None
+            failed = run(steps, tts, batch_size, common.out, common.err, common.note, summary=not common.quiet(),
+                         replicas=spec)
     if failed:
         raise typer.Exit(1)

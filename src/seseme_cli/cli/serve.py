@@ -76,6 +76,13 @@ def serve(
         help="On SIGTERM, seconds in-flight requests may take before they are aborted.")] = 60,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level (debug, info, warning, error).")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
+    gpus: Annotated[Optional[str], typer.Option(
+        metavar="N|all", show_default=False,
+        help="Serve from N GPUs (or all), one engine replica each, through Ray (the `ray` extra); each request goes "
+             "to the least-loaded replica, --max-batch and --max-queue are per replica. Default: one GPU, in this "
+             "process.")] = None,
+    replicas: Annotated[Optional[int], typer.Option(
+        hidden=True, help="Engine replicas on the CPU (with --device cpu): the --gpus path, for tests.")] = None,
 ) -> None:
     """Serve OpenAI's /v1/audio/speech (streaming, continuous batching) until SIGTERM or Ctrl+C, then drain."""
     from seseme_cli.cli.common import err, load_model, out, user_errors
@@ -93,14 +100,29 @@ def serve(
         if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise InputError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
         settings.device = _device(device)
+        count = 1
+        if gpus is not None or replicas is not None:
+            from seseme_cli.replicas.cluster import replica_count
+
+            count = replica_count(gpus, replicas, settings.device)
         sock = _listen(host, port)
         url = _url(host, sock.getsockname()[1])
-        service = SpeechService(lambda: load_model(model, settings.device), settings).start()
+        if count > 1:
+            from seseme_cli.replicas.cluster import ReplicaSpec
+            from seseme_cli.server.replicas import ReplicaService
+
+            service = ReplicaService(ReplicaSpec(count, model, settings.device), settings).start()
+        else:
+            service = SpeechService(lambda: load_model(model, settings.device), settings).start()
         app = create_app(service, settings)
+        per = f" on each of {count} engine replicas" if count > 1 else ""
 
         def ready(server) -> None:
             out.print(f"seseme serve: ready on {url} (POST {url}/v1/audio/speech; model {service.tts.description}, "
-                      f"{settings.max_batch} rows, queue {settings.max_queue})", markup=False)
+                      f"{settings.max_batch} rows, queue {settings.max_queue}{per})", markup=False)
+            if count > 1 and service.tts.is_random:  # one process loads the model: load_model's warning
+                err.print(f"WARNING: --model {model} has RANDOM weights: the output is noise, not speech.",
+                          style="bold red", markup=False)
 
         server = make_server(app, service, host, port, settings.drain_timeout_s, ready, log_level, access_log)
         err.print(f"seseme serve: listening on {url}; /health answers 503 until the model is loaded", markup=False)

@@ -9,4 +9,5 @@
 - responses: the ASGI response of one speech request (audio bytes, SSE events, or one whole file);
 - metrics: Prometheus metrics, one registry per app;
 - app: the FastAPI app; http: uvicorn with a draining shutdown.
+- replicas: the service over several engine replicas (`--gpus N`: Ray actors, least-loaded routing).
 """

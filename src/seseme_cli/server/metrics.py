@@ -2,7 +2,7 @@
 
 Counted by the HTTP side as requests end: requests by how they ended, time to first audio, queue wait, request
 duration. Read from the service at scrape time: active rows, queue depth, frames generated, frames/s and the
-real-time factor over the last seconds.
+real-time factor over the last seconds; with several engine replicas also per replica (label `replica`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,16 @@ DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.
 # How a request ended: finished, failed (engine or input fault found while generating), cancelled (the client
 # went away), aborted (the server shut down), rejected (429: queue full), unavailable (503), invalid (4xx).
 OUTCOMES = ("finished", "failed", "cancelled", "aborted", "rejected", "unavailable", "invalid")
+
+REPLICA_SERIES = (
+    ("seseme_replica_up", "1 while the engine replica runs, 0 once it died or failed", "up", GaugeMetricFamily),
+    ("seseme_replica_active_rows", "engine rows generating a request now, per replica", "active_rows",
+     GaugeMetricFamily),
+    ("seseme_replica_queue_depth", "requests waiting for an engine row, per replica", "queue_depth", GaugeMetricFamily),
+    ("seseme_replica_inflight_requests", "speech requests routed to the replica and not ended", "inflight",
+     GaugeMetricFamily),
+    ("seseme_replica_frames", "audio frames generated (80 ms each), per replica", "frames", CounterMetricFamily),
+)
 
 
 class _ServiceCollector:
@@ -44,6 +54,13 @@ class _ServiceCollector:
         yield CounterMetricFamily("seseme_audio_seconds", "seconds of audio generated", value=s.frames * FRAME_MS / 1000)
         yield CounterMetricFamily("seseme_engine_failures", "engine steps that failed (their requests failed)",
                                   value=s.engine_failures)
+        replicas = s.replica_stats()
+        if replicas:  # several engine replicas (seseme serve --gpus N): the same numbers per replica
+            for name, doc, key, kind in REPLICA_SERIES:
+                family = kind(name, doc, labels=["replica"])
+                for r in replicas:
+                    family.add_metric([str(r["replica"])], r[key])
+                yield family
 
 
 class Metrics:

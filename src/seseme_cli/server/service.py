@@ -132,33 +132,32 @@ class SpeechService:
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 engine = tts.speech_engine(self.settings.max_batch, pcm16=True, max_waiting=self.settings.max_queue)
                 if self.settings.warm_up:
-                    self._warm_up(engine)
+                    warm_up(engine)
                 self.voices = VoiceBook(self.settings.voices_dir, self.settings.openai_voices, codec_id(tts.codec),
                                         tts.config.num_codebooks, tts.codec.cardinality)
                 self.tts, self.engine, self.sample_rate = tts, engine, tts.sample_rate
-                with self._lock:
-                    if self.state == LOADING:
-                        self.state = READY
-                self._ready.set()
+                self._now_ready()
                 self._loop(engine)
         except BaseException as e:  # the model did not load (or a bug): say so on /health and to the CLI
-            self.error = e
-            with self._lock:
-                self.state = FAILED
-            if not isinstance(e, SesemeError):  # a bug: keep its traceback (a SesemeError is one line, at the CLI)
-                log.exception("the engine thread failed")
+            self._fail(e)
         finally:
             self._ready.set()
             if engine is not None:
                 with contextlib.suppress(Exception):
                     engine.close()
 
-    def _warm_up(self, engine) -> None:
-        # First calls load kernels and allocator pools: pay for them before the first client does.
-        handle = engine.add_request(SpeechRequest.make("Hello.", max_audio_ms=2 * FRAME_MS, seed=0), keep_audio=False,
-                                    low_latency=True)
-        engine.drain()
-        handle.raise_for_status()
+    def _now_ready(self) -> None:
+        with self._lock:
+            if self.state == LOADING:
+                self.state = READY
+        self._ready.set()
+
+    def _fail(self, e: BaseException) -> None:
+        self.error = e
+        with self._lock:
+            self.state = FAILED
+        if not isinstance(e, SesemeError):  # a bug: keep its traceback (a SesemeError is one line, at the CLI)
+            log.exception("the engine thread failed", exc_info=e)
 
     def _loop(self, engine) -> None:
         while not self._stop.is_set():
@@ -176,9 +175,12 @@ class SpeechService:
 
     def _on_step(self, out) -> None:
         self._failures = 0
+        self._sample_frames()
+
+    def _sample_frames(self) -> None:
         now = time.perf_counter()
         if not self._rate or now - self._rate[-1][0] >= 0.25:
-            self._rate.append((now, self.engine.stats.frames))
+            self._rate.append((now, self.frames))
 
     # --- the HTTP side ---------------------------------------------------------------------------------------------
 
@@ -201,12 +203,15 @@ class SpeechService:
                 handle = self.engine.add_request(request, request_id, on_event=forward, keep_audio=False,
                                                  low_latency=listening)
             except QueueFull:
-                raise queue_full(f"the server is busy: {self.settings.max_queue} requests are already waiting; "
-                                 f"retry after {self.settings.retry_after_s} s", self.settings.retry_after_s) from None
+                raise self._queue_full() from None
             self._inflight += 1
             stream = RequestStream(self, handle, queue)
             self._streams.add(stream)
         return stream
+
+    def _queue_full(self):
+        return queue_full(f"the server is busy: {self.settings.max_queue} requests are already waiting; "
+                          f"retry after {self.settings.retry_after_s} s", self.settings.retry_after_s)
 
     def check_open(self) -> None:
         wait = self.settings.unavailable_retry_after_s
@@ -244,10 +249,22 @@ class SpeechService:
 
     def frames_per_second(self) -> float:
         """Useful frames generated per second over the last RATE_WINDOW_S (0 when idle)."""
-        if self.engine is None:
-            return 0.0
         now = time.perf_counter()
         points = [p for p in list(self._rate) if now - p[0] <= RATE_WINDOW_S]  # list(): one atomic copy
-        points.append((now, self.engine.stats.frames))
+        points.append((now, self.frames))
         (t0, f0), (t1, f1) = points[0], points[-1]
         return (f1 - f0) / (t1 - t0) if t1 - t0 > 0.05 else 0.0
+
+    def replica_stats(self) -> list[dict]:
+        """Per engine replica (server.replicas): replica, up, active_rows, queue_depth, inflight, frames. One engine
+        here: none."""
+        return []
+
+
+def warm_up(engine) -> None:
+    """Speak one short request: first calls load kernels and allocator pools; pay for them before the first client
+    does."""
+    handle = engine.add_request(SpeechRequest.make("Hello.", max_audio_ms=2 * FRAME_MS, seed=0), keep_audio=False,
+                                low_latency=True)
+    engine.drain()
+    handle.raise_for_status()
