@@ -84,6 +84,14 @@ inline const char* linear_config_error(int64_t n, int64_t m, int64_t k, bool swi
     return "linear: kernel must be 0 (GEMV) or 1 (MMA)";
 }
 
+// The fp8-weight GEMV (launch_linear_fp8) takes GEMV configs only, and rows of whole 16-byte packs (k % 16 == 0).
+// seseme_cli.ops.linear_fp8 applies the same rules.
+inline const char* linear_fp8_config_error(int64_t n, int64_t m, int64_t k, bool swiglu, const LinearConfig& cfg) {
+    if (cfg.kernel != LINEAR_GEMV) return "linear_fp8: only the GEMV kernel takes fp8 weights";
+    if (k % 16 != 0) return "linear_fp8: k must be a multiple of 16 for the fp8 GEMV";
+    return linear_config_error(n, m, k, swiglu, cfg);
+}
+
 // Workspace bytes that launch_linear needs for this problem and config (0 when none: no split-K).
 inline int64_t linear_workspace_bytes(int64_t n, int64_t m, int64_t k, bool swiglu, const LinearConfig& cfg) {
     if (cfg.kernel != LINEAR_MMA || linear_config_error(n, m, k, swiglu, cfg) != nullptr) return 0;
@@ -104,6 +112,16 @@ const char* launch_linear(void* out, const void* x, const void* weight, const vo
                           const LinearConfig& cfg, uintptr_t stream, const void* norm_weight = nullptr,
                           float norm_eps = 0.f);
 
+// Weight-only fp8 variant of the GEMV: weight (m or 2f, k) float8 e4m3 (one byte each), scale (m or 2f) fp32 per
+// output channel (row of weight), so W = weight * scale[:, None]; x, residual, norm_weight and out bf16. Each
+// row's sum is accumulated in fp32 over the e4m3 values (exact in fp32) and multiplied by the row's scale once,
+// before the residual or the SwiGLU epilogue; one rounding. Needs k % 16 == 0, x and weight 16-byte aligned, a
+// GEMV config (linear_fp8_config_error); otherwise as launch_linear. No workspace (the GEMV never splits
+// across blocks).
+const char* launch_linear_fp8(void* out, const void* x, const void* weight, const float* scale, const void* residual,
+                              int64_t n, int64_t m, int64_t k, bool swiglu, int dtype, const LinearConfig& cfg,
+                              uintptr_t stream, const void* norm_weight = nullptr, float norm_eps = 0.f);
+
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -119,6 +137,7 @@ struct Args {
     void* out;
     const void* x;
     const void* weight;
+    const float* scale;  // null: weight in the storage dtype; else fp8 e4m3 weights with these row scales (GEMV)
     const void* residual;
     void* workspace;
     const void* norm_weight;  // null: no fused RMSNorm (GEMV only)

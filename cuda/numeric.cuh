@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 
@@ -53,6 +54,21 @@ __device__ __forceinline__ void unpack8<__half>(const uint4& raw, float (&f)[8])
         f[2 * i] = v.x;
         f[2 * i + 1] = v.y;
     }
+}
+
+// 8 float8 e4m3 values, element 0 in the low byte of lo, as floats. Exact: every e4m3 value is an fp16 value (sm_89+
+// converts a pair with one cvt.rn.f16x2.e4m3x2; cuda_fp8.h falls back to integer code on older GPUs).
+__device__ __forceinline__ void unpack8_e4m3(uint32_t lo, uint32_t hi, float (&f)[8]) {
+    const uint32_t w[2] = {lo, hi};
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const __half2 v(__nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w[i] >> (16 * h)), __NV_E4M3));
+            const float2 t = __half22float2(v);
+            f[4 * i + 2 * h] = t.x;
+            f[4 * i + 2 * h + 1] = t.y;
+        }
 }
 
 // Rotate-half RoPE of one element pair (x1 in a head's first half, x2 its partner in the second) by the angle

@@ -109,9 +109,18 @@ class CSM:
 
     # --- engine ------------------------------------------------------------------------------------------
 
-    def setup_caches(self, batch_size: int = 1) -> None:
+    def setup_caches(self, batch_size: int = 1, weights: str | None = None) -> None:
         """Allocate the static KV caches (and on a GPU all engine memory and CUDA graphs) for up to
-        `batch_size` rows, once; generation reuses them."""
+        `batch_size` rows, once; generation reuses them. weights: "bf16" (as loaded, the default) or "fp8"
+        (e4m3 projections with per-channel scales for the decode GEMVs; quantizes this object's weights for
+        good, see engine/pack.py); None keeps the current choice."""
+        from seseme_cli.engine.pack import WEIGHT_FORMATS, weight_format
+
+        if weights not in (None, *WEIGHT_FORMATS):
+            raise InputError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+        if weights == "bf16" and weight_format(self.model) == "fp8":
+            raise InputError("the weights were quantized to fp8 by an earlier setup_caches(weights='fp8'); "
+                             "load the model again for bf16")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int):
             raise InputError(f"batch size must be a whole number, got {batch_size!r}")
         if batch_size < 1:
@@ -126,7 +135,7 @@ class CSM:
         self.model.setup_caches(0)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.engine = Engine(self.model, batch_size, use_graphs=self.uses_graphs)
+        self.engine = Engine(self.model, batch_size, use_graphs=self.uses_graphs, weights=weights)
 
     def speech_engine(self, max_batch: int | None = None, **options):
         """A new engine loop over this object's frame engine (set up for `max_batch` rows when given); options:

@@ -17,6 +17,9 @@ def bench(
     model: Annotated[str, typer.Option(help="Weights to time (speed does not depend on their values).")] = "random",
     frames: Annotated[int, typer.Option(help="Frames timed per batch size, after warm-up.")] = 125,
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8,32,64",
+    dtype: Annotated[str, typer.Option(help="Weights: bf16, fp8 (e4m3 projections for the decode GEMV), or "
+                                       "bf16,fp8 for an A/B of both (bf16 first: fp8 quantizes the loaded weights).")]
+    = "bf16",
     compare_baseline: Annotated[bool, typer.Option(help="Also time transformers' generate and the eager reference.")]
     = False,
     baseline_frames: Annotated[int, typer.Option(help="Frames for the (slow) baselines.")] = 20,
@@ -27,6 +30,7 @@ def bench(
     """Measure generation speed: ms per frame, real-time factor, time to first frame, bandwidth, memory."""
     with common.user_errors():
         sizes = common.parse_batch_sizes(batch_sizes)
+        formats = _parse_formats(dtype)
         if frames < 1 or baseline_frames < 1:
             raise InputError("--frames and --baseline-frames must be at least 1")
         common.check_parent(json_path, "--json")
@@ -48,19 +52,27 @@ def bench(
                 results.append(b.bench_transformers(tts, baseline_frames))
             with common.status("timing the eager reference"):
                 results.append(b.bench_reference(tts, baseline_frames))
-        for size in sizes:
-            with common.status(f"timing batch {size}"):
-                results.append(b.bench_engine(tts, size, frames))
+        for fmt in formats:
+            for size in sizes:
+                with common.status(f"timing batch {size} ({fmt})"):
+                    results.append(b.bench_engine(tts, size, frames, weights=fmt))
         _print_bench(results, copy, tts)
         tuning = load_tuning(tts.device)  # what the engine ran with (read once per process)
         info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": tts.description,
-                "kernel_tuning": str(tuning.path) if tuning is not None else "built-in rules"}
+                "kernel_tuning": str(tuning.path) if tuning is not None else "built-in rules", "weights": formats}
         if json_path is not None:
             import json
 
             common.write_text(json_path, json.dumps(b.results_json(results, copy, info), indent=2), "--json")
         if plot_path is not None:
             b.plot(results, str(plot_path))
+
+
+def _parse_formats(value: str) -> list[str]:
+    formats = [v.strip() for v in value.split(",") if v.strip()]
+    if not formats or any(f not in ("bf16", "fp8") for f in formats) or len(set(formats)) != len(formats):
+        raise InputError(f"--dtype takes bf16, fp8 or bf16,fp8; got {value!r}")
+    return sorted(formats, key=("bf16", "fp8").index)  # fp8 quantizes the loaded weights for good: bf16 first
 
 
 def _print_bench(results, copy_gb_s: float, tts) -> None:
@@ -70,13 +82,13 @@ def _print_bench(results, copy_gb_s: float, tts) -> None:
 
     slowest = max(r.ms_per_frame for r in results if r.batch == 1) if any(r.batch == 1 for r in results) else None
     table = Table(title=f"{torch.cuda.get_device_name()} | {tts.description} | copy bandwidth {copy_gb_s:.0f} GB/s")
-    for col in ("what", "batch", "ms/frame", "frames/s", "x real time", "first frame ms", "first audio ms", "GB/s",
+    for col in ("what", "weights", "batch", "ms/frame", "frames/s", "x real time", "first frame ms", "first audio ms", "GB/s",
                 "% copy bw", "peak GB", "speedup"):
         table.add_column(col, justify="right" if col != "what" else "left")
     for r in results:
         speedup = f"{slowest / r.ms_per_frame * r.batch:.0f}x" if slowest else ""
         table.add_row(
-            r.name, str(r.batch), f"{r.ms_per_frame:.2f}", f"{r.frames_per_s:.0f}", f"{r.real_time_factor:.1f}",
+            r.name, r.extra.get("weights_path", ""), str(r.batch), f"{r.ms_per_frame:.2f}", f"{r.frames_per_s:.0f}", f"{r.real_time_factor:.1f}",
             "" if r.ttff_ms is None else f"{r.ttff_ms:.1f}",
             "" if r.extra.get("ttfa_ms") is None else f"{r.extra['ttfa_ms']:.1f}",
             "" if r.gb_per_s is None else f"{r.gb_per_s:.0f}",

@@ -15,15 +15,40 @@ from seseme_cli.model.config import CsmConfig, TransformerConfig
 from seseme_cli.ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append
 from seseme_cli.ops.embedding import embed_codes
 from seseme_cli.ops.linear import linear, linear_workspace_bytes, swiglu_linear
+from seseme_cli.ops.linear_fp8 import linear_fp8, swiglu_linear_fp8
 from seseme_cli.ops.rmsnorm import rms_norm
 from seseme_cli.ops.short_attention import rope_append_attention, short_attention_fits
 from seseme_cli.ops.sampling import sample_topk_philox
 from seseme_cli.engine.tuning import tuned_config
-from seseme_cli.engine.pack import EngineWeights, StackWeights
+from seseme_cli.engine.pack import EngineWeights, Fp8Weight, StackWeights
 
 # The depth decoder's one-token steps run RoPE + append + attention as one kernel (ops.short_attention's
 # rope_append_attention) where the shape allows; False = the two kernels (for A/B timing).
 FUSED_SHORT_ATTENTION = True
+
+# Weights packed as fp8: projections of at most this many rows run the fp8 GEMV (ops.linear_fp8) on the e4m3
+# copy; larger ones (prefill chunks, depth step 0 at batch > 4, batches > 8) the bf16 kernels on the dequantized
+# copy, the same model. 8 is the GEMV's limit; a lower value keeps buckets where fp8 does not pay on bf16
+# (not yet measured on a GPU). 0 = never (A/B timing).
+FP8_MAX_N = 8
+
+
+def uses_fp8(fp8, n: int) -> bool:
+    """Whether a projection of n rows with this Fp8Weight (or None) runs the fp8 GEMV."""
+    return fp8 is not None and n <= FP8_MAX_N
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, fp8: Fp8Weight | None, out: torch.Tensor, ws, tuned: dict,
+            residual: torch.Tensor | None = None, swiglu: bool = False, **norm) -> torch.Tensor:
+    """out = x (n, k) @ weight.T (+ residual), or its SwiGLU: the fp8 GEMV on `fp8` (the same matrix in e4m3)
+    where uses_fp8, else ops.linear on weight with its tuned launch config. norm: the fused RMSNorm's keywords."""
+    if uses_fp8(fp8, x.shape[0]):
+        if swiglu:
+            return swiglu_linear_fp8(x, fp8.w8, fp8.scale, out=out, **norm)
+        return linear_fp8(x, fp8.w8, fp8.scale, out=out, residual=residual, **norm)
+    if swiglu:
+        return swiglu_linear(x, weight, out=out, workspace=ws, **norm, **tuned)
+    return linear(x, weight, out=out, residual=residual, workspace=ws, **norm, **tuned)
 
 
 class StackBuffers:
@@ -117,9 +142,10 @@ def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, ca
     t_rope, t_attn = tuned_config(tuning, "rope", n, H, Hkv, hd), tuned_config(tuning, "attention", n, H, Hkv, hd, S)
     t_short = tuned_config(tuning, "short_attention", n, H, Hkv, hd, S)
     for layer in w.layers:
+        f = layer.fp8  # None unless the weights are packed as fp8
         # The pre-attention and pre-MLP norms run inside the projections (fused when the GEMV runs, else
         # rms_norm into xn first); xn is scratch here.
-        linear(h, layer.wqkv, out=qkv, workspace=ws, norm_weight=layer.attn_norm, norm_eps=w.eps, norm_out=xn, **t_qkv)
+        project(h, layer.wqkv, f and f.wqkv, qkv, ws, t_qkv, norm_weight=layer.attn_norm, norm_eps=w.eps, norm_out=xn)
         if fused:
             rope_append_attention(qkv, positions, cache_rows, lengths, w.inv_freq, layer.k_cache, layer.v_cache, attn,
                                   **t_short)
@@ -127,10 +153,10 @@ def run_stack(w: StackWeights, buf: StackBuffers, n: int, positions, lengths, ca
             rope_append(qkv, positions, cache_rows, w.inv_freq, layer.k_cache, layer.v_cache, q, **t_rope)
             decode_attention(q, layer.k_cache, layer.v_cache, cache_rows, lengths, attn, workspace=buf.workspace,
                              **t_attn)
-        linear(attn.view(n, -1), layer.wo, out=h, residual=h, workspace=ws, **t_o)
-        swiglu_linear(h, layer.w_gate_up, out=act, workspace=ws, norm_weight=layer.mlp_norm, norm_eps=w.eps, norm_out=xn,
-                      **t_up)
-        linear(act, layer.w_down, out=h, residual=h, workspace=ws, **t_down)
+        project(attn.view(n, -1), layer.wo, f and f.wo, h, ws, t_o, residual=h)
+        project(h, layer.w_gate_up, f and f.w_gate_up, act, ws, t_up, swiglu=True, norm_weight=layer.mlp_norm,
+                norm_eps=w.eps, norm_out=xn)
+        project(act, layer.w_down, f and f.w_down, h, ws, t_down, residual=h)
     if not final_norm:
         return h
     rms_norm(h, w.norm, w.eps, out=xn)
@@ -161,6 +187,7 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     t_proj = tuned_config(tuning, "linear", b, dd_dim, bb_dim, False)
     t_head = tuned_config(tuning, "linear", b, V, dd_dim, False)
     t_sample = tuned_config(tuning, "sampling", b, V)
+    q8 = w.fp8  # None unless the weights are packed as fp8
 
     def sample(i: int, next_input: torch.Tensor | None) -> None:
         """Codebook i's draw into codes[i]; its projected embedding (one row of w.projected_embed: the
@@ -178,25 +205,25 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
 
     # Backbone: one position per row, then codebook 0, whose embedding is the depth decoder's second token.
     hidden = run_stack(w.backbone, buf.backbone, b, buf.positions[:b], buf.lengths[:b], buf.rows[:b], ws, tuning)
-    linear(hidden, w.c0_head, out=logits, workspace=ws, **t_c0)
+    project(hidden, w.c0_head, q8 and q8.c0_head, logits, ws, t_c0)
     sample(0, buf.depth.h[b : 2 * b])
 
     # Depth decoder step 0: [backbone state, embedding of codebook 0] at positions 0 and 1.
-    linear(hidden, w.projection, out=buf.depth.h[:b], workspace=ws, **t_proj)
+    project(hidden, w.projection, q8 and q8.projection, buf.depth.h[:b], ws, t_proj)
     # The heads apply the depth decoder's final norm themselves (fused into the GEMV at small batch).
     d, dn = w.depth, buf.depth.xn
     out = run_stack(d, buf.depth, 2 * b, sched.first_positions, sched.first_lengths, sched.first_rows, ws, tuning,
                     final_norm=False)
-    linear(out[b:], w.audio_heads[0], out=logits, workspace=ws, norm_weight=d.norm, norm_eps=d.eps,
-           norm_out=dn[b : 2 * b], **t_head)
+    project(out[b:], w.audio_heads[0], q8 and q8.audio_heads[0], logits, ws, t_head, norm_weight=d.norm,
+            norm_eps=d.eps, norm_out=dn[b : 2 * b])
     sample(1, buf.depth.h[:b])
 
     # Depth steps 2..K-1: the previous codebook's embedding at position i.
     for i in range(2, K):
         out = run_stack(d, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows, ws, tuning,
                         one_token_per_cache_row=True, final_norm=False)
-        linear(out, w.audio_heads[i - 1], out=logits, workspace=ws, norm_weight=d.norm, norm_eps=d.eps,
-               norm_out=dn[:b], **t_head)
+        project(out, w.audio_heads[i - 1], q8 and q8.audio_heads[i - 1], logits, ws, t_head, norm_weight=d.norm,
+                norm_eps=d.eps, norm_out=dn[:b])
         sample(i, buf.depth.h[:b] if i < K - 1 else None)
 
     # The finished frame: row-major copy, its embedding for the next backbone step, and the row state.

@@ -3,6 +3,15 @@
 q/k/v become one (q+2kv, dim) matrix and gate/up one (2*ffn, dim) matrix so each is one GEMV; the depth
 decoder's 31 heads are stored (31, vocab, dim) so every head is an ordinary row-major linear. The reference
 model's parameters are re-pointed at views of these tensors, so its prefill and the engine see the same memory.
+
+fp8 weights (`pack(model, "fp8")`): every projection (attention, MLP, codebook-0 head, projection, depth heads) is
+quantized to e4m3 with an fp32 scale per output channel (ops.linear_fp8.quantize_fp8), and the model's bf16
+weights are overwritten with the dequantized values. The engine then runs the fp8 GEMV on the e4m3 copy for calls
+of few rows (engine.frame.FP8_MAX_N) and the bf16 kernels on the dequantized copy otherwise (prefill, large
+batches): one model, the quantized one, whichever kernel runs, and the reference model computes it too. The cost
+is memory: the e4m3 copy is held besides the bf16 one (+1 byte per projection weight, ~1.15 GB for CSM-1B). The
+quantization is done once per model and kept on it (`model.fp8_weights`), so later packs reuse it; a model
+quantized so cannot be packed as bf16 again (load it again).
 """
 
 from __future__ import annotations
@@ -13,6 +22,41 @@ import torch
 from torch import nn
 
 from seseme_cli.model.reference import CsmModel, Transformer
+from seseme_cli.ops.linear_fp8 import dequantize_fp8, quantize_fp8
+
+WEIGHT_FORMATS = ("bf16", "fp8")  # bf16: the weights as loaded, in the model's dtype
+
+
+@dataclass(frozen=True)
+class Fp8Weight:
+    """A weight (..., m, k) as e4m3 values w8 and an fp32 scale per row: W ~= w8.float() * scale[..., None]."""
+
+    w8: torch.Tensor  # (..., m, k) float8_e4m3fn
+    scale: torch.Tensor  # (..., m) float32
+
+    def __getitem__(self, i) -> "Fp8Weight":
+        return Fp8Weight(self.w8[i], self.scale[i])
+
+    @property
+    def nbytes(self) -> int:
+        return self.w8.numel() * self.w8.element_size() + self.scale.numel() * self.scale.element_size()
+
+
+@dataclass
+class LayerFp8:
+    """A layer's projections in fp8 (the same matrices as LayerWeights', quantized)."""
+
+    wqkv: Fp8Weight
+    wo: Fp8Weight
+    w_gate_up: Fp8Weight
+    w_down: Fp8Weight
+
+
+@dataclass
+class HeadsFp8:
+    c0_head: Fp8Weight  # (vocab, dim)
+    projection: Fp8Weight  # (depth dim, dim)
+    audio_heads: Fp8Weight  # (K-1, vocab, depth dim), scales (K-1, vocab)
 
 
 @dataclass
@@ -25,6 +69,7 @@ class LayerWeights:
     w_down: torch.Tensor  # (dim, ffn)
     k_cache: torch.Tensor  # (max_batch, max_seq_len, kv_heads, head_dim), the reference model's cache
     v_cache: torch.Tensor
+    fp8: LayerFp8 | None = None  # weights="fp8": the projections in e4m3
 
 
 @dataclass
@@ -45,6 +90,8 @@ class EngineWeights:
     audio_embed: torch.Tensor  # (K * vocab, dim)
     depth_audio_embed: torch.Tensor  # (K * vocab, dim)
     projected_embed: torch.Tensor  # (K * vocab, depth dim) = projection(depth_audio_embed), one row per code
+    fp8: HeadsFp8 | None = None  # weights="fp8": the heads and the projection in e4m3
+    format: str = "bf16"  # one of WEIGHT_FORMATS
 
 
 def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
@@ -86,12 +133,54 @@ def project_table(table: torch.Tensor, projection: torch.Tensor, rows_per_chunk:
     return out
 
 
-def pack(model: CsmModel) -> EngineWeights:
-    """Fuse the model's weights in place (its parameters become views) and return the engine's view of them."""
+def weight_format(model: CsmModel) -> str:
+    """"fp8" once a pack with weights="fp8" has quantized the model's weights, else "bf16"."""
+    return "fp8" if getattr(model, "fp8_weights", None) is not None else "bf16"
+
+
+def _quantize_in_place(weight: torch.Tensor) -> Fp8Weight:
+    """weight (..., m, k) quantized per row; weight itself is overwritten with the dequantized values, in its dtype
+    (the model's parameters are views of it)."""
+    w8, scale = quantize_fp8(weight)
+    weight.copy_(dequantize_fp8(w8, scale, weight.dtype))
+    return Fp8Weight(w8, scale)
+
+
+def _quantize(weights: EngineWeights) -> dict[str, Fp8Weight]:
+    """Every projection of the packed weights, quantized in place; keyed as _attach_fp8 reads them."""
+    out = {}
+    for name, stack in (("backbone", weights.backbone), ("depth", weights.depth)):
+        for i, layer in enumerate(stack.layers):
+            for attr in ("wqkv", "wo", "w_gate_up", "w_down"):
+                out[f"{name}.{i}.{attr}"] = _quantize_in_place(getattr(layer, attr))
+    for attr in ("c0_head", "projection", "audio_heads"):
+        out[attr] = _quantize_in_place(getattr(weights, attr))
+    return out
+
+
+def _attach_fp8(weights: EngineWeights, stored: dict[str, Fp8Weight]) -> None:
+    for name, stack in (("backbone", weights.backbone), ("depth", weights.depth)):
+        for i, layer in enumerate(stack.layers):
+            layer.fp8 = LayerFp8(*(stored[f"{name}.{i}.{attr}"] for attr in ("wqkv", "wo", "w_gate_up", "w_down")))
+            if layer.fp8.wqkv.w8.shape != layer.wqkv.shape:
+                raise RuntimeError("the model's stored fp8 weights do not fit its shapes")
+    weights.fp8 = HeadsFp8(stored["c0_head"], stored["projection"], stored["audio_heads"])
+    weights.format = "fp8"
+
+
+def pack(model: CsmModel, weights: str = "bf16") -> EngineWeights:
+    """Fuse the model's weights in place (its parameters become views) and return the engine's view of them.
+    weights="fp8": also the e4m3 copies of the projections (quantizing the model the first time; see the module
+    doc). ValueError for an unknown format, or for "bf16" on a model an earlier pack quantized."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    if weights == "bf16" and weight_format(model) == "fp8":
+        raise ValueError("this model's weights were quantized to fp8 by an earlier engine (weights='fp8'); "
+                         "load the model again to run it in bf16")
     with torch.no_grad():
         heads = model.audio_head.detach().transpose(1, 2).contiguous()
         model.audio_head = nn.Parameter(heads.transpose(1, 2), requires_grad=False)
-        return EngineWeights(
+        packed = EngineWeights(
             backbone=_pack_stack(model.backbone),
             depth=_pack_stack(model.depth),
             c0_head=model.c0_head.weight.detach(),
@@ -99,5 +188,12 @@ def pack(model: CsmModel) -> EngineWeights:
             audio_heads=heads,
             audio_embed=model.audio_embed.weight.detach(),
             depth_audio_embed=model.depth_audio_embed.weight.detach(),
-            projected_embed=project_table(model.depth_audio_embed.weight.detach(), model.projection.weight.detach()),
+            projected_embed=None,
         )
+        if weights == "fp8":
+            if weight_format(model) != "fp8":
+                model.fp8_weights = _quantize(packed)
+            _attach_fp8(packed, model.fp8_weights)
+        # After any quantization: the table is the (dequantized) projection of the embeddings, as the model has it.
+        packed.projected_embed = project_table(packed.depth_audio_embed, packed.projection)
+        return packed

@@ -15,7 +15,7 @@ import torch
 from seseme_cli.model.reference import CsmModel
 from seseme_cli.engine.tuning import load_tuning
 from seseme_cli.engine.frame import DepthSchedule, FrameBuffers, run_frame
-from seseme_cli.engine.pack import pack
+from seseme_cli.engine.pack import pack, weight_format
 from seseme_cli.engine.prefill import Prefill, chunk_rows_for, pack_prompts
 
 log = logging.getLogger("seseme")
@@ -54,7 +54,9 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class Engine:
-    def __init__(self, model: CsmModel, max_batch: int, use_graphs: bool = True):
+    def __init__(self, model: CsmModel, max_batch: int, use_graphs: bool = True, weights: str | None = None):
+        """weights: "bf16" (as loaded) or "fp8" (engine.pack: e4m3 projections for the GEMV); None: the model's
+        current format (fp8 once an engine quantized it)."""
         self.model = model
         self.cfg = model.cfg
         self.device = model.c0_head.weight.device
@@ -62,7 +64,7 @@ class Engine:
         if self.device.type == "cuda":
             check_batch_fits(self.cfg, model.c0_head.weight.dtype, self.device, max_batch)
         model.setup_caches(max_batch)
-        self.weights = pack(model)
+        self.weights = pack(model, weights or weight_format(model))
         self.tuning = load_tuning(self.device)  # this GPU's `seseme tune` cache (logged), or None: defaults
         self.buf = FrameBuffers(self.cfg, max_batch, self.device, model.c0_head.weight.dtype, self.tuning)
         self.prefill = Prefill(model, self.weights.backbone, self.tuning, self.buf.linear_workspace,

@@ -79,17 +79,27 @@ def copy_bandwidth_gb_s(device, size_mb: int = 1024, repeats: int = 20) -> float
 
 def bytes_per_frame(engine, batch: int, position: int) -> int:
     """Bytes one frame must read: every backbone weight once, every depth weight once per depth step, the
-    heads used, the projection once, and the backbone KV caches up to the current positions."""
+    heads used, the projection once, and the backbone KV caches up to the current positions. With fp8 weights a
+    projection counts its e4m3 bytes (and scales) where the frame runs the fp8 GEMV (engine.frame.uses_fp8)."""
+    from seseme_cli.engine.frame import uses_fp8
+
     w, cfg = engine.weights, engine.cfg
     K = cfg.num_codebooks
+    names = ("wqkv", "wo", "w_gate_up", "w_down")
 
-    def stack_bytes(stack):
-        return sum(t.numel() * t.element_size() for l in stack.layers for t in (l.wqkv, l.wo, l.w_gate_up, l.w_down))
+    def nbytes(t, fp8, n):
+        return fp8.nbytes if uses_fp8(fp8, n) else t.numel() * t.element_size()
 
-    head = w.audio_heads[0].numel() * w.audio_heads.element_size()
-    weights = stack_bytes(w.backbone) + w.c0_head.numel() * w.c0_head.element_size()
-    # The projection runs once per frame (on the backbone state); codes enter through the projected table.
-    weights += (K - 1) * (stack_bytes(w.depth) + head) + w.projection.numel() * w.projection.element_size()
+    def stack_bytes(stack, n):
+        return sum(nbytes(getattr(l, a), l.fp8 and getattr(l.fp8, a), n) for l in stack.layers for a in names)
+
+    q8 = w.fp8
+    head = nbytes(w.audio_heads[0], q8 and q8.audio_heads[0], batch)
+    weights = stack_bytes(w.backbone, batch) + nbytes(w.c0_head, q8 and q8.c0_head, batch)
+    # The projection runs once per frame (on the backbone state); codes enter through the projected table. Depth
+    # step 0 has two tokens per row.
+    weights += stack_bytes(w.depth, 2 * batch) + (K - 2) * stack_bytes(w.depth, batch) + (K - 1) * head
+    weights += nbytes(w.projection, q8 and q8.projection, batch)
     bb = cfg.backbone
     kv = 2 * bb.num_layers * batch * position * bb.num_kv_heads * bb.head_dim * w.c0_head.element_size()
     return weights + kv
@@ -123,9 +133,26 @@ def time_to_first_audio(tts: CSM, seed: int, rounds: int = 6) -> float:
     return statistics.median(times[1:])
 
 
+def weights_path(engine, batch: int) -> str:
+    """Which kernels a frame of `batch` rows runs its projections on, for the results: "bf16", or for fp8
+    weights which calls take the fp8 GEMV."""
+    from seseme_cli.engine import frame
+
+    if engine.weights.format != "fp8":
+        return "bf16"
+    rows = {"backbone and heads": batch, "depth step 0": 2 * batch, "depth steps 1-30": batch}
+    fp8 = [what for what, n in rows.items() if frame.uses_fp8(engine.weights.fp8, n)]
+    if len(fp8) == len(rows):
+        return f"fp8 GEMV (all projections; fp8 up to {frame.FP8_MAX_N} rows)"
+    if not fp8:
+        return f"fp8 weights, bf16 kernels on the dequantized copy (fp8 GEMV only up to {frame.FP8_MAX_N} rows)"
+    return f"fp8 GEMV for {', '.join(fp8)}; bf16 (dequantized) elsewhere"
+
+
 @torch.inference_mode()
-def bench_engine(tts: CSM, batch: int, frames: int, warmup: int = 10, seed: int = 0) -> Result:
-    tts.setup_caches(batch)
+def bench_engine(tts: CSM, batch: int, frames: int, warmup: int = 10, seed: int = 0, weights: str | None = None) -> Result:
+    """weights: "bf16" or "fp8" (tts.setup_caches' argument; None keeps the object's current format)."""
+    tts.setup_caches(batch, weights=weights)
     engine = tts.engine
     tokens, mask = bench_prompt(tts)
     torch.cuda.reset_peak_memory_stats()
@@ -150,13 +177,14 @@ def bench_engine(tts: CSM, batch: int, frames: int, warmup: int = 10, seed: int 
     times = _event_times(lambda: engine.step(batch), frames)
     ms = statistics.median(times)
     position = tokens.shape[0] + warmup + frames // 2
+    fp8 = engine.weights.format == "fp8"
     return Result(
-        name="seseme engine" if engine.graphs else "seseme engine (eager, graph capture failed)",
+        name=("seseme engine fp8" if fp8 else "seseme engine") + ("" if engine.graphs else " (eager, graph capture failed)"),
         batch=batch, frames=frames, ms_per_frame=ms, ttff_ms=ttff if batch == 1 else None,
         gb_per_s=bytes_per_frame(engine, batch, position) / (ms * 1e-3) / 1e9,
         peak_gb=torch.cuda.max_memory_allocated() / 1e9,
         extra={"prompt_frames": tokens.shape[0], "graphs": bool(engine.graphs), "first_ttff_ms": ttffs[0],
-               "ttfa_ms": ttfa},
+               "ttfa_ms": ttfa, "weights": engine.weights.format, "weights_path": weights_path(engine, batch)},
     )
 
 
@@ -249,11 +277,14 @@ def plot(results: list[Result], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    engine = [r for r in results if r.name.startswith("seseme engine")]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot([r.batch for r in engine], [r.ms_per_frame for r in engine], "o-")
+    for fmt in ("bf16", "fp8"):
+        engine = [r for r in results if r.name.startswith("seseme engine") and r.extra.get("weights") == fmt]
+        if engine:
+            a.plot([r.batch for r in engine], [r.ms_per_frame for r in engine], "o-", label=fmt)
+            b.plot([r.batch for r in engine], [r.real_time_factor for r in engine], "o-", label=fmt)
+    a.legend()
     a.set(xlabel="batch size", ylabel="ms per frame step", xscale="log", title="frame time")
-    b.plot([r.batch for r in engine], [r.real_time_factor for r in engine], "o-")
     b.set(xlabel="batch size", ylabel="x real time (aggregate)", xscale="log", yscale="log", title="real-time factor")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
