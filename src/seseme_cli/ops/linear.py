@@ -161,6 +161,21 @@ def _as_config(config: LinearConfig | dict | None) -> LinearConfig | None:
     raise ValueError(f"linear: config must be a LinearConfig, a dict or None, got {type(config).__name__}")
 
 
+def gemv_config(n: int, m: int, packs: int, swiglu: bool, short_rows: bool, sms: int) -> LinearConfig:
+    """The GEMV's rule for x (n, k) and m output rows whose weight rows are `packs` 16-byte loads long (bf16:
+    k / 8, fp8: k / 16); short_rows: rows short enough for 4 loads in flight per lane rather than 8."""
+    rows = 1 if n == 1 or (swiglu and n == 2) else 2
+    unroll = 2 if rows > 1 else 4 if swiglu or short_rows else 8  # 4-8 weight loads in flight per lane
+    while unroll > 2 and 32 * unroll > packs:  # a step of 32 * unroll packs should not run past the row
+        unroll //= 2
+    chunks = -(-packs // (32 * unroll))
+    row_warps = -(-m // rows)
+    split = 1
+    while split < 8 and 2 * split <= chunks and row_warps * split < 12 * sms:
+        split *= 2
+    return LinearConfig("gemv", warps=max(4, split), rows=rows, split_k=split, unroll=unroll, stages=3)
+
+
 @functools.lru_cache(maxsize=4096)
 def default_config(n: int, m: int, k: int, swiglu: bool = False, *, split_ok: bool = True,
                    sms: int = 132) -> LinearConfig:
@@ -175,17 +190,7 @@ def default_config(n: int, m: int, k: int, swiglu: bool = False, *, split_ok: bo
     on plain layers from n = 17 on (from n = 9 for k <= 2048), except for odd m (2051), where it is slow.
     """
     if n <= 4 or (n <= GEMV_MAX_N and k <= 2048 and not swiglu):
-        rows = 1 if n == 1 or (swiglu and n == 2) else 2
-        unroll = 2 if rows > 1 else 4 if swiglu or k <= 2048 else 8  # 4-8 weight loads in flight per lane
-        npk = k // 8
-        while unroll > 2 and 32 * unroll > npk:  # a step of 32 * unroll packs should not run past the row
-            unroll //= 2
-        chunks = -(-npk // (32 * unroll))
-        row_warps = -(-m // rows)
-        split = 1
-        while split < 8 and 2 * split <= chunks and row_warps * split < 12 * sms:
-            split *= 2
-        return LinearConfig("gemv", warps=max(4, split), rows=rows, split_k=split, unroll=unroll, stages=3)
+        return gemv_config(n, m, k // 8, swiglu, short_rows=k <= 2048, sms=sms)
     if not swiglu and m % 64 == 0 and (n > 16 or k <= 2048):
         return LinearConfig("torch")
     npad = _mma_npad(min(n, MMA_MAX_N))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
-from seseme_cli.ops.linear import (GEMV_MAX_N, LinearConfig, _as_config, _check_norm_args, _config_error,
+from seseme_cli.ops.linear import (GEMV_MAX_N, LinearConfig, gemv_config, _as_config, _check_norm_args, _config_error,
                                    _norm_fuses, _overlap, _sms)
 from seseme_cli.ops.rmsnorm import rms_norm, rms_norm_ref
 
@@ -66,17 +66,8 @@ def default_fp8_config(n: int, m: int, k: int, swiglu: bool = False, *, sms: int
     The GEMV rules of ops.linear.default_config, stated in 16-byte packs: an fp8 row of k weights is k / 16
     packs, as many as a bf16 row of k / 2. Not yet swept on a GPU (scripts/fp8_gemv_sweep.py does that).
     """
-    rows = 1 if n == 1 or (swiglu and n == 2) else 2
-    npk = max(1, k // 16)
-    unroll = 2 if rows > 1 else 4 if swiglu or npk <= 256 else 8
-    while unroll > 2 and 32 * unroll > npk:  # a step of 32 * unroll packs should not run past the row
-        unroll //= 2
-    chunks = -(-npk // (32 * unroll))
-    row_warps = -(-m // rows)
-    split = 1
-    while split < 8 and 2 * split <= chunks and row_warps * split < 12 * sms:
-        split *= 2
-    return LinearConfig("gemv", warps=max(4, split), rows=rows, split_k=split, unroll=unroll, stages=3)
+    packs = max(1, k // 16)
+    return gemv_config(n, m, packs, swiglu, short_rows=packs <= 256, sms=sms)
 
 
 def _fp8_config_error(cfg: LinearConfig, n: int, m: int, k: int, swiglu: bool) -> str | None:
