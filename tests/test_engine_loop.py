@@ -201,3 +201,26 @@ def test_a_burst_of_arrivals_is_admitted_over_several_steps_while_rows_generate(
     for request, handle in zip(requests, handles):
         assert torch.equal(handle.codes, codes_alone(tts, request))
     assert running.status == FINISHED
+
+
+def test_a_listeners_audio_comes_in_chunks_that_grow_to_chunk_frames(tts):
+    """A listener's (low_latency) audio pieces are 1, 2, 4, 8, 8, ... frames while it runs alone (each chunk is
+    twice the audio already sent, so it can arrive before that has played out); a request nobody listens to gets
+    8-frame pieces. Either way the audio equals a one-shot decode of the codes."""
+    engine = engine_for(tts, 2, decode_audio=True, chunk_frames=8)
+    request = SpeechRequest.make("A listener waits for the first audio.", 0, max_audio_ms=2400, seed=5)
+    listener = engine.add_request(request, low_latency=True)
+    engine.drain()
+    background = engine.add_request(request)
+    engine.drain()
+    engine.close()
+    frame = 1920
+    for handle, sizes in ((listener, [1, 2, 4, 8]), (background, [8, 8])):
+        pieces = [len(p) // frame for p in handle.pieces]
+        assert handle.frames >= 16, handle.frames  # long enough to see the schedule
+        assert pieces[: len(sizes)] == sizes, pieces
+        assert all(n == 8 for n in pieces[len(sizes):-1]), pieces
+        codes = handle.codes.masked_fill(handle.codes >= 2048, 0)
+        full = tts.codec.decode(codes.T).cpu()
+        samples = torch.from_numpy(handle.audio())
+        assert samples.shape == full.shape and (samples - full).abs().max() <= 1e-5 * full.abs().max()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from seseme_cli.audio.codec import MimiCodec
-from seseme_cli.audio.rows import RowAudio
+from seseme_cli.audio.rows import RowAudio, bucket_for, slot_buckets
 
 K, FRAME = 32, 1920
 
@@ -83,6 +83,49 @@ def test_rounds_give_each_request_its_one_shot_decode(row_frames_per_call, pcm, 
             tolerance += 1.0 / float(full.abs().max())
         assert (samples.float() - full).abs().max() <= tolerance * full.abs().max(), work.name
         assert count == special
+
+
+def test_slot_buckets():
+    assert slot_buckets(1) == [1]
+    assert slot_buckets(3) == [1, 3]
+    assert slot_buckets(576) == [1, 4, 16, 64, 128, 256, 512, 576]
+    assert [bucket_for(slot_buckets(576), n) for n in (1, 2, 5, 64, 65, 513, 576)] == [1, 4, 16, 64, 128, 576, 576]
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_rounds_of_different_slot_buckets_share_the_slots_state(device):
+    """A round decodes only the slots up to its highest one (bucket 1, 4, 16, ...): a request that goes on
+    through rounds of different buckets still gets its one-shot decode, and slots outside a round's bucket keep
+    their state."""
+    codec = MimiCodec.random("tiny", seed=4, device=device)
+    tolerance = 1e-5 if device == "cpu" else 2e-3
+    a, b, c = Work("a"), Work("b"), Work("c")
+    collect, kept = Collect(), {a: [], b: [], c: []}
+    audio = RowAudio(codec, 20, collect.on_piece)
+    assert audio.buckets == [1, 4, 16, 20]
+    # (width of the round, [(slot, work, kept, goes_on)], fresh)
+    rounds = [
+        (1, [(0, a, 3, True)], {0}),  # bucket 1
+        (18, [(0, a, 2, True), (17, b, 3, True)], {17}),  # bucket 20: slot 17 starts
+        (1, [(0, a, 3, True)], set()),  # bucket 1 again: b's slot 17 is not decoded and keeps its state
+        (6, [(0, a, 1, False), (5, c, 3, True)], {5}),  # bucket 16
+        (18, [(5, c, 2, False), (17, b, 3, False)], set()),  # a's slot is outside the round: ended, not fed
+    ]
+    for i, (width, rows, fresh) in enumerate(rounds):
+        frames = random_frames(3, width, seed=10 + i)
+        for slot, work, n, _ in rows:
+            kept[work].append(frames[:n, slot])
+        audio.round(frames, rows, fresh)
+        for slot, work, n, goes_on in rows:
+            if not goes_on:
+                audio.end(work, collect.ender(work))
+    audio.close()
+    for work in (a, b, c):
+        codes = torch.from_numpy(np.concatenate(kept[work]))
+        full = codec.decode(codes.T).cpu()
+        samples, _ = collect.ended[work]
+        assert samples.shape == full.shape, work.name
+        assert (samples - full).abs().max() <= tolerance * full.abs().max(), work.name
 
 
 def test_discarded_and_empty_requests():

@@ -11,6 +11,13 @@ request's frames:
   on is masked (the round is decoded in segments; moshi's exec mask leaves a masked slot's state as it was), and a
   slot whose request ended is fed padding (it is reset before it is used again).
 
+A round decodes only the first `bucket` slots, the smallest of a few sizes (1, 4, 16, 64, then doubling) that holds
+every slot of the round: a frame of Mimi for all 576 slots of a 512-row engine costs ~14.6 ms on the H200, for one
+slot ~2 ms, and the engine hands out the lowest free slot first, so a lightly loaded engine decodes few slots. A
+bucket runs on views of the first rows of every streaming-state tensor (`_sliced_states`): the same memory, so the
+slots' state carries over whatever bucket decodes them next; slots outside the bucket are left as they were, which
+is what the exec mask would have done to them.
+
 The decoder is a copy of the codec's model that shares its weights (its streaming state must not collide with
 the codec's other users: context encoding, `say --stream`).
 """
@@ -22,6 +29,7 @@ import copy
 import logging
 import queue
 import threading
+import warnings
 
 import numpy as np
 import torch
@@ -32,6 +40,65 @@ log = logging.getLogger("seseme")
 
 ROW_FRAMES_PER_CALL = 2048  # slots x frames per eager Mimi call (activation memory: ~2.4 MB each on the H100, ~5 GB)
 GRAPH_MAX_FRAMES = 32  # rounds up to this long replay the one-frame graph; longer ones decode in eager calls
+
+
+def slot_buckets(slots: int) -> list[int]:
+    """The slot counts a round may decode: 1, 4, 16, 64, then doubling, and all of them. Small steps where a
+    frame's cost is mostly fixed (launches), doubling where it grows with the slots."""
+    sizes, size = [], 1
+    while size < slots:
+        sizes.append(size)
+        size = size * 4 if size < 64 else size * 2
+    return [*sizes, slots]
+
+
+def bucket_for(sizes: list[int], n: int) -> int:
+    return next(size for size in sizes if size >= n)
+
+
+def _sliced_states(model, n: int) -> dict:
+    """module -> a copy of its streaming state whose tensors are views of the first n batch rows of the original's
+    (in-place updates through the copy land in the original). Python-side counters (offset_cpu) are not shared:
+    only weights-per-step modules read them, and Mimi has none."""
+    from moshi.modules.transformer import RingKVCache
+
+    def rows(t, dim=0):
+        return t.narrow(dim, 0, n)
+
+    sliced = {}
+    for module in model.modules():
+        state = getattr(module, "_streaming_state", None)
+        if state is None:
+            continue
+        full, view = state.batch_size, copy.copy(state)
+        view.batch_size = n
+        for name, value in vars(state).items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == full:
+                setattr(view, name, rows(value))
+            elif isinstance(value, RingKVCache):
+                cache = copy.copy(value)
+                cache.cache = rows(value.cache, 1)  # (2, batch, heads, capacity, dim)
+                if value.respect_exec_mask:
+                    cache.end_offset = rows(value.end_offset)
+                setattr(view, name, cache)
+        sliced[module] = view
+    return sliced
+
+
+@contextlib.contextmanager
+def _installed(sliced: dict):
+    """Run the model on the sliced states (None: on its own)."""
+    if sliced is None:
+        yield
+        return
+    saved = {module: module._streaming_state for module in sliced}
+    try:
+        for module, view in sliced.items():
+            module._streaming_state = view
+        yield
+    finally:
+        for module, state in saved.items():
+            module._streaming_state = state
 
 
 class RowAudio:
@@ -47,6 +114,7 @@ class RowAudio:
         self.codec, self.slots, self.on_piece, self.pcm16 = codec, slots, on_piece, pcm16
         # Rounds of the engine loop are a few frames: warming up (and sizing calls) for more only costs memory.
         self.frames_per_call = max(1, min(row_frames_per_call // slots, GRAPH_MAX_FRAMES))
+        self.buckets = slot_buckets(slots)
         self.graphed = False  # set by the thread: the one-frame decode is a CUDA graph
         self.items: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
@@ -98,7 +166,7 @@ class RowAudio:
 
     def _run(self) -> None:
         try:
-            with self._decoder() as decode:
+            with streaming_decoder(self.codec, self.slots, self.frames_per_call) as (decode, self.graphed):
                 self._ready.set()
                 while (item := self.items.get()) is not None:
                     if item[0] == "round":
@@ -112,60 +180,11 @@ class RowAudio:
             with contextlib.suppress(queue.Empty):  # let close() find its end marker
                 while self.items.get_nowait() is not None:
                     pass
-    @contextlib.contextmanager
-    def _decoder(self):
-        """A function decode(codes (slots, K, f) long on the device, reset (slots,) bool or None, run (slots,) bool
-        or None) -> audio (slots, f * frame_size) on the device, valid in this thread while the context is open."""
-        from moshi.utils.compile import no_compile
-
-        codec = self.codec
-        model = _sharing_weights(codec.model)
-        stream = torch.cuda.Stream(codec.device) if codec.device.type == "cuda" else None
-        device_ctx = torch.cuda.device(codec.device) if stream is not None else contextlib.nullcontext()
-        # no_compile: moshi would torch.compile its RoPE for every new frame count (seconds each). Entered by this
-        # thread for the whole run, before any other codec user, because moshi's switch is one global flag.
-        with device_ctx, (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()), \
-                torch.inference_mode(), no_compile(), model.streaming(self.slots):
-            states = [m._streaming_state for m in model.modules() if getattr(m, "_streaming_state", None) is not None]
-            for state in states:  # moshi would capture its own CUDA graphs on first use: not in this thread
-                for name in ("graphed_tr_enc", "graphed_tr_dec", "graphed_encoder", "graphed_decoder"):
-                    if getattr(state, name, None) is not None:
-                        getattr(state, name).disable = True
-
-            def decode(codes, reset, run):
-                if reset is not None:
-                    model.reset_streaming(reset)
-                if run is not None:
-                    for state in states:
-                        state.exec_mask.copy_(run)
-                audio = model.decode(codes)[:, 0]
-                if run is not None:
-                    for state in states:
-                        state.exec_mask.fill_(True)
-                return audio
-
-            # Warm up at a round's shape (cuDNN/cuBLAS handles and kernel modules load on first use), then start
-            # every slot over: that cost belongs to set-up, not to the first round.
-            decode(torch.zeros(self.slots, codec.num_codebooks, self.frames_per_call, dtype=torch.long,
-                               device=codec.device), None, None)
-            model.reset_streaming()
-            graphed = _GraphedDecode.capture(model, states, self.slots, codec.num_codebooks, stream)
-            self.graphed = graphed is not None
-            if graphed is None:
-                yield decode
-                return
-
-            def decode_graphed(codes, reset, run):
-                if codes.shape[-1] > GRAPH_MAX_FRAMES:  # a long round: one eager call beats many replays
-                    return decode(codes, reset, run)
-                return graphed.decode(codes, reset, run)
-
-            yield decode_graphed
-
     def _round(self, decode, frames: np.ndarray, rows, fresh: set[int]) -> None:
         k, n, K = frames.shape
+        m = bucket_for(self.buckets, n)
         card, size = self.codec.cardinality, self.codec.frame_size
-        codes = np.zeros((self.slots, K, k), dtype=np.int64)
+        codes = np.zeros((m, K, k), dtype=np.int64)
         codes[:n] = frames.transpose(1, 2, 0)
         special = codes >= card
         if special.any():  # CSM's special ids are not codec codes (random weights sample them): decode them as 0
@@ -183,13 +202,13 @@ class RowAudio:
             reset = reset.to(device)
         # Segment borders: where a row that goes on stops keeping frames; from there its slot is masked.
         stops = sorted({kept for _, _, kept, goes_on in rows if goes_on and kept < k})
-        audio = torch.empty(self.slots, k * size, device=device)
+        audio = torch.empty(m, k * size, device=device)
         bounds = [0, *[s for s in stops if s > 0], k]
         for a, b in zip(bounds, bounds[1:]):
             run = None
             masked = [row for row, _, kept, goes_on in rows if goes_on and kept <= a]
             if masked:
-                run = torch.ones(self.slots, dtype=torch.bool)
+                run = torch.ones(m, dtype=torch.bool)
                 run[masked] = False
                 run = run.to(device)
             for start in range(a, b, self.frames_per_call):
@@ -205,30 +224,93 @@ class RowAudio:
                 self.on_piece(work, audio[row, : kept * size].copy())
 
 
-class _GraphedDecode:
-    """One frame of the batched streaming decode, and the masked reset, as two CUDA graphs over the slots' state:
-    an eager decode is hundreds of small kernels launched from Python (milliseconds of host time holding the GIL
-    the engine loop needs), a replay is one launch. Right only because every state update on this path is in
-    place (audio.stream's docstring lists them for moshi 0.2.13); a model with replicate padding stays eager."""
+@contextlib.contextmanager
+def streaming_decoder(codec, slots: int, frames_per_call: int):
+    """(decode, graphed): decode(codes (m, K, f) long on the device with m one of slot_buckets(slots), reset
+    (slots,) bool or None, run (m,) bool or None) -> audio (m, f * frame_size) on the device, on a copy of the
+    codec's model streaming `slots` slots; valid in the calling thread while the context is open. graphed: the
+    one-frame decodes are CUDA graphs."""
+    from moshi.utils.compile import no_compile
 
-    def __init__(self, model, states, slots: int, num_codebooks: int, stream):
-        device = stream.device
+    model = _sharing_weights(codec.model)
+    stream = torch.cuda.Stream(codec.device) if codec.device.type == "cuda" else None
+    device_ctx = torch.cuda.device(codec.device) if stream is not None else contextlib.nullcontext()
+    # no_compile: moshi would torch.compile its RoPE for every new frame count (seconds each). Entered by this
+    # thread for the whole run, before any other codec user, because moshi's switch is one global flag.
+    with device_ctx, (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()), \
+            torch.inference_mode(), no_compile(), model.streaming(slots):
+        states = [m._streaming_state for m in model.modules() if getattr(m, "_streaming_state", None) is not None]
+        for state in states:  # moshi would capture its own CUDA graphs on first use: not in this thread
+            for name in ("graphed_tr_enc", "graphed_tr_dec", "graphed_encoder", "graphed_decoder"):
+                if getattr(state, name, None) is not None:
+                    getattr(state, name).disable = True
+        sliced = {m: _sliced_states(model, m) if m < slots else None for m in slot_buckets(slots)}
+
+        def decode(codes, reset, run):
+            if reset is not None:
+                model.reset_streaming(reset)
+            m = codes.shape[0]
+            if run is not None:
+                for state in states:
+                    state.exec_mask[:m].copy_(run)
+            with _installed(sliced[m]):
+                audio = model.decode(codes)[:, 0]
+            if run is not None:
+                for state in states:
+                    state.exec_mask.fill_(True)
+            return audio
+
+        # Warm up at a round's shape (cuDNN/cuBLAS handles and kernel modules load on first use), then start
+        # every slot over: that cost belongs to set-up, not to the first round.
+        decode(torch.zeros(slots, codec.num_codebooks, frames_per_call, dtype=torch.long, device=codec.device),
+               None, None)
+        model.reset_streaming()
+        graphed = _GraphedDecode.capture(model, states, sliced, codec.num_codebooks, stream)
+        if graphed is None:
+            yield decode, False
+            return
+
+        def decode_graphed(codes, reset, run):
+            if codes.shape[-1] > GRAPH_MAX_FRAMES:  # a long round: one eager call beats many replays
+                return decode(codes, reset, run)
+            return graphed.decode(codes, reset, run)
+
+        yield decode_graphed, True
+
+
+class _GraphedDecode:
+    """One frame of the batched streaming decode for each slot bucket, and the masked reset of all slots, as CUDA
+    graphs over the slots' state: an eager decode is hundreds of small kernels launched from Python (milliseconds
+    of host time holding the GIL the engine loop needs), a replay is one launch. Right only because every state
+    update on this path is in place (audio.stream's docstring lists them for moshi 0.2.13); a model with replicate
+    padding stays eager."""
+
+    def __init__(self, model, states, sliced: dict, num_codebooks: int, stream):
+        device, buckets = stream.device, list(sliced)
+        slots = buckets[-1]
+        # The graphs' inputs: bucket m reads the first m rows.
         self.codes = torch.zeros(slots, num_codebooks, 1, dtype=torch.long, device=device)
         self.run = torch.ones(slots, dtype=torch.bool, device=device)
         self.reset_mask = torch.zeros(slots, dtype=torch.bool, device=device)
-        self.frame, self.reset = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        # thread_local: the engine thread launches its own graphs meanwhile
-        with torch.cuda.graph(self.frame, stream=stream, capture_error_mode="thread_local"):
-            for state in states:
-                state.exec_mask.copy_(self.run)
-            self.audio = model.decode(self.codes)[:, 0]
-            for state in states:
-                state.exec_mask.fill_(True)
-        with torch.cuda.graph(self.reset, pool=self.frame.pool(), stream=stream, capture_error_mode="thread_local"):
+        self.frames, self.audio, self.reset = {}, {}, torch.cuda.CUDAGraph()
+        pool = None
+        for m in reversed(buckets):  # the largest first: the others' activations fit in its memory pool
+            graph = torch.cuda.CUDAGraph()
+            with _installed(sliced[m]), _tf32_matmuls():
+                model.decode(self.codes[:m])  # warm-up at this shape (cuDNN picks its algorithms outside capture)
+                # thread_local: the engine thread launches its own graphs meanwhile
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                    for state in states:
+                        state.exec_mask[:m].copy_(self.run[:m])
+                    self.audio[m] = model.decode(self.codes[:m])[:, 0]
+                    for state in states:
+                        state.exec_mask.fill_(True)
+            self.frames[m], pool = graph, graph.pool()
+        with torch.cuda.graph(self.reset, pool=pool, stream=stream, capture_error_mode="thread_local"):
             model.reset_streaming(self.reset_mask)
 
     @classmethod
-    def capture(cls, model, states, slots: int, num_codebooks: int, stream):
+    def capture(cls, model, states, sliced: dict, num_codebooks: int, stream):
         """The graphs, or None on a CPU or when capture fails (said once)."""
         if stream is None:
             return None
@@ -237,30 +319,49 @@ class _GraphedDecode:
         if any(isinstance(m, StreamingConv1d) and m.pad_mode == "replicate" for m in model.decoder.modules()):
             return None
         try:
-            model.decode(torch.zeros(slots, num_codebooks, 1, dtype=torch.long, device=stream.device))  # warm-up
-            graphed = cls(model, states, slots, num_codebooks, stream)
+            graphed = cls(model, states, sliced, num_codebooks, stream)
         except RuntimeError as e:  # torch's capture errors, out of memory
             log.warning("Mimi decodes the batch rows eagerly (no CUDA graph): %s", str(e).splitlines()[0])
             return None
         finally:
-            model.reset_streaming()  # the warm-up fed one frame to every slot
+            model.reset_streaming()  # the warm-ups fed frames to the slots
         return graphed
 
     def decode(self, codes, reset, run):
         if reset is not None:
             self.reset_mask.copy_(reset)
             self.reset.replay()
+        m = codes.shape[0]
         if run is not None:
-            self.run.copy_(run)
-        size = self.audio.shape[-1]
-        out = torch.empty(codes.shape[0], codes.shape[-1] * size, device=codes.device)
+            self.run[:m].copy_(run)
+        graph, audio = self.frames[m], self.audio[m]
+        size = audio.shape[-1]
+        out = torch.empty(m, codes.shape[-1] * size, device=codes.device)
         for i in range(codes.shape[-1]):
-            self.codes.copy_(codes[:, :, i : i + 1])
-            self.frame.replay()
-            out[:, i * size : (i + 1) * size].copy_(self.audio)
+            self.codes[:m].copy_(codes[:, :, i : i + 1])
+            graph.replay()
+            out[:, i * size : (i + 1) * size].copy_(audio)
         if run is not None:
             self.run.fill_(True)
         return out
+
+
+@contextlib.contextmanager
+def _tf32_matmuls():
+    """TF32 for the fp32 matmuls captured meanwhile (the decoder transformer; cuDNN's convolutions use TF32 by
+    default already): 9% off a 576-slot frame on the H200 at 82 dB SNR to fp32 (BENCHMARKS.md run 12,
+    scripts/mimi_probe.py). The switch is global, so it is only on while the graphs are captured, before the engine
+    steps."""
+    matmul = torch.backends.cuda.matmul
+    with warnings.catch_warnings():  # newer torch prefers fp32_precision and says so
+        warnings.simplefilter("ignore")
+        before, matmul.allow_tf32 = matmul.allow_tf32, True
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            matmul.allow_tf32 = before
 
 
 def _sharing_weights(model):

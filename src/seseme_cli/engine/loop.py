@@ -13,8 +13,11 @@ go). One `step()`:
    end of speech, dropped) or at the frame limit; a long text's next chunk starts at once in the same row with
    the spoken chunks as context; a finished request frees its row;
 5. now and then hands the new frames to the audio decoder (audio.rows.RowAudio: Mimi streaming, one slot per
-   request, in its own thread): at once when a new request has its first frame (small first chunk), else every
-   `chunk_frames` frames.
+   request, in its own thread): a round goes when some request has enough new frames for its next chunk. A
+   listener's chunks grow 1, 2, 4, ... up to `chunk_frames` frames: each chunk arrives before the audio already
+   sent has played out, as long as the engine runs at least about twice real time (a fixed 8-frame chunk after a
+   1-frame start would leave a gap of ~7 frames' generation); a request nobody listens to goes in `chunk_frames`
+   chunks. Every round takes every request's new frames (a round's cost is per frame decoded, for all slots).
 A row that ended runs one frame more (the one already queued); its codes are ignored. Idle rows inside the batch
 bucket run too; they are re-parked on a one-frame prompt before they could pass the end of their KV cache.
 """
@@ -22,6 +25,7 @@ bucket run too; they are re-parked on a one-frame prompt before they could pass 
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import threading
 import time
@@ -74,6 +78,7 @@ class _Row:
         self.pieces: list[np.ndarray] = []
         self.audio: list[np.ndarray] = []  # frames not yet handed to the audio decoder
         self.audio_started = False
+        self.audio_due = 0  # new frames that make this request's next audio round due (its chunk size)
 
 
 class SpeechEngine:
@@ -113,7 +118,8 @@ class SpeechEngine:
         self._inflight: collections.deque = collections.deque()  # (ring slot, n, [(row, state, generation)])
         self._launches = 0
         # Audio: one decoder slot per request being decoded. A few more slots than rows, so that a row whose
-        # request ended can take the next one before the old request's last frames are decoded.
+        # request ended can take the next one before the old request's last frames are decoded. The lowest free
+        # slot goes first (a heap): an audio round decodes the slots up to the highest one in use.
         self.audio = None
         self._slots_free: list[int] = []
         self._endings: list[tuple] = []  # (state, status, error, exception): over, waiting for their last audio round
@@ -122,7 +128,7 @@ class SpeechEngine:
 
             slots = audio_slots or (self.B + max(2, self.B // 8))
             self.audio = RowAudio(tts.codec, slots, self._on_piece, pcm16=pcm16)
-            self._slots_free = list(range(slots - 1, -1, -1))
+            self._slots_free = list(range(slots))
         dummy = torch.zeros(1, self.K + 1, dtype=torch.long)
         self._park_prompt = (dummy, dummy.bool())
         for row in range(self.B):
@@ -186,6 +192,7 @@ class SpeechEngine:
         if self.audio is not None:  # the requests' decoder slots are free again
             taken = [r.slot for r in self.rows if r is not None] + [ending[0].slot for ending in self._endings]
             self._slots_free.extend(taken)
+            heapq.heapify(self._slots_free)
         self.rows = [None] * self.B
         self._endings, self._inflight, self._pending = [], collections.deque(), {}
         for row in range(self.B):  # every row starts over from a one-frame prompt
@@ -306,7 +313,8 @@ class SpeechEngine:
                 out.finished.append(handle)
                 continue
             row = free.pop(0)
-            state = _Row(handle, job, self._slots_free.pop() if self.audio is not None else None)
+            state = _Row(handle, job, heapq.heappop(self._slots_free) if self.audio is not None else None)
+            state.audio_due = self.first_chunk_frames if handle.low_latency else self.chunk_frames
             handle.status, handle.started, handle.chunks_total = RUNNING, time.perf_counter(), len(job.chunks)
             self.rows[row] = state
             self._start_generation(row, state, gen)
@@ -411,8 +419,7 @@ class SpeechEngine:
         active = [r for r in self.rows if r is not None]
         first = any(r.handle.low_latency and not r.audio_started and len(r.audio) >= self.first_chunk_frames
                     for r in active)
-        # Every row's pending frames go in each round: rounds come every chunk_frames frames, whatever the rows' phases.
-        due = any(len(r.audio) >= self.chunk_frames for r in active) or len(self._endings) >= self.B
+        due = any(len(r.audio) >= r.audio_due for r in active) or len(self._endings) >= self.B
         if not (force or first or due):
             return
         ending = self._endings
@@ -429,6 +436,7 @@ class SpeechEngine:
                     if not state.audio_started:
                         fresh.add(state.slot)
                         state.audio_started = True
+                    state.audio_due = min(self.chunk_frames, 2 * state.audio_due)
                 listed.append((state.slot, state, kept, goes_on))
                 state.audio = []
             self.audio.round(frames, listed, fresh)
@@ -440,7 +448,7 @@ class SpeechEngine:
                 self.audio.sync()
         for state, status, error, exception in ending:
             self.audio.end(state, self._finisher(state, status, error, exception))
-            self._slots_free.append(state.slot)
+            heapq.heappush(self._slots_free, state.slot)
         self._endings = []
 
     def _on_piece(self, state: _Row, samples: np.ndarray) -> None:
