@@ -14,7 +14,7 @@ import torch
 
 from seseme_cli.model.checkpoints import load_checkpoint
 from seseme_cli.engine import Engine
-from seseme_cli.engine.prefill import Prefill
+from seseme_cli.engine.prefill import GRAPH_ROWS, Prefill, pack_prompts
 from seseme_cli.api import build_model
 from seseme_cli.model.reference import generate_frames
 from seseme_cli.ops.kernels import has_cuda_kernels
@@ -251,3 +251,41 @@ def test_kernel_prefill_close_to_reference_gpu(gpu_engine, chunk_rows, n_request
     assert max(kv_errors) < 2e-2  # bf16: the kernels round once in fp32 where the reference rounds each op
     assert max(logit_errors) < 2e-2  # the engine-vs-reference bound of tests/test_engine.py
     assert all(g < 0.05 for g in gaps)
+
+
+@pytest.fixture(scope="module")
+def graphed_engine():
+    model = build_model(load_checkpoint("random", seed=7), torch.device("cuda"), torch.bfloat16)
+    return Engine(model, max_batch=3, use_graphs=True)
+
+
+@cuda
+@needs_kernels
+@pytest.mark.parametrize("frames", [2, 9, 17, 40, 65, 66])
+def test_one_short_prompt_replays_a_graph_close_to_the_eager_prefill_gpu(graphed_engine, frames):
+    """One prompt of up to 64 prefill rows replays the graph of the next size in GRAPH_ROWS, padded with copies
+    of its last prefill row: the same K/V in its own row's slots 0..T-2 as the eager prefill, the same last-frame
+    embedding, and no other slot written (66 frames: 65 rows, eager)."""
+    engine, row = graphed_engine, 1
+    tokens, mask = prompt(31, min(frames, 12), max(0, frames - 12))
+    prompts = pack_prompts([(row, tokens, mask, 0.0, 1, 0)], K, engine.max_batch, engine.cfg.max_seq_len, "cuda")
+    prefill = engine.prefill
+    assert sorted(prefill.graphs) == list(GRAPH_ROWS)
+    assert (prefill._graph_for(prompts) is not None) == (frames - 1 <= max(GRAPH_ROWS))
+    graphs, results = prefill.graphs, []
+    for use in ({}, graphs):
+        prefill.graphs = use
+        fill_caches(engine)
+        out = prefill(prompts).clone()
+        torch.cuda.synchronize()
+        results.append((out, [(l.k_cache.clone(), l.v_cache.clone()) for l in engine.weights.backbone.layers]))
+    prefill.graphs = graphs
+    (eager, eager_caches), (graphed, graphed_caches) = results
+    torch.testing.assert_close(graphed, eager, rtol=1e-2, atol=1e-2)  # the last frame's embedding, not a pad's
+    n = frames - 1
+    for (k, v), (k_ref, v_ref) in zip(graphed_caches, eager_caches):
+        for cache, ref in ((k, k_ref), (v, v_ref)):
+            assert rel_err(cache[row, :n], ref[row, :n]) < 1e-2
+            untouched = torch.ones(cache.shape[:2], dtype=torch.bool, device=cache.device)
+            untouched[row, :n] = False
+            assert (cache[untouched] == SENTINEL).all()  # padding rows wrote nothing but the row's own slots

@@ -157,7 +157,7 @@ class CSM:
             self._loop = None
         if self._loop is None:
             self._loop = self.speech_engine()
-        self._loop.first_chunk_frames, self._loop.chunk_frames = first_chunk_frames, chunk_frames
+        self._loop.set_chunking(first_chunk_frames, chunk_frames)
         return self._loop
 
     def prepare(self) -> None:
@@ -241,9 +241,9 @@ class CSM:
                temperature: float = DEFAULT_TEMPERATURE, topk: int = DEFAULT_TOPK, seed: int | None = None,
                chunk_ms: float = DEFAULT_CHUNK_MS, first_chunk_frames: int = 1, chunk_frames: int = 8):
         """Speak `text` as a stream: yield 1-D float audio chunks at `sample_rate` as frames are generated
-        (the first after `first_chunk_frames` frames, then every `chunk_frames`). Concatenated, the chunks
-        equal `decode(last_codes)`. The engine loop runs in a worker thread while this one hands out audio;
-        close the generator to stop early (the request is aborted)."""
+        (the first after `first_chunk_frames` frames, then chunks that double up to `chunk_frames`).
+        Concatenated, the chunks equal `decode(last_codes)`. The engine loop runs in a worker thread while this
+        one hands out audio; close the generator to stop early (the request is aborted)."""
         request = self.request(text, speaker, context, max_audio_length_ms, temperature, topk, seed, chunk_ms)
         return self.stream_request(request, first_chunk_frames, chunk_frames)
 

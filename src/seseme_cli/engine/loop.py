@@ -12,12 +12,8 @@ go). One `step()`:
    it just queued) and, per row: keeps the frame, or ends the generation at an all-zero frame (the original's
    end of speech, dropped) or at the frame limit; a long text's next chunk starts at once in the same row with
    the spoken chunks as context; a finished request frees its row;
-5. now and then hands the new frames to the audio decoder (audio.rows.RowAudio: Mimi streaming, one slot per
-   request, in its own thread): a round goes when some request has enough new frames for its next chunk. A
-   listener's chunks grow 1, 2, 4, ... up to `chunk_frames` frames: each chunk arrives before the audio already
-   sent has played out, as long as the engine runs at least about twice real time (a fixed 8-frame chunk after a
-   1-frame start would leave a gap of ~7 frames' generation); a request nobody listens to goes in `chunk_frames`
-   chunks. Every round takes every request's new frames (a round's cost is per frame decoded, for all slots).
+5. now and then hands the new frames to the audio decoder (engine.audio_rounds: one decoder slot per request,
+   rounds when some request has enough frames for its next chunk; a listener's chunks grow 1, 2, 4, ... frames).
 A row that ended runs one frame more (the one already queued); its codes are ignored. Idle rows inside the batch
 bucket run too; they are re-parked on a one-frame prompt before they could pass the end of their KV cache.
 """
@@ -25,7 +21,6 @@ bucket run too; they are re-parked on a one-frame prompt before they could pass 
 from __future__ import annotations
 
 import collections
-import heapq
 import itertools
 import threading
 import time
@@ -34,15 +29,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from seseme_cli.engine.audio_rounds import CHUNK_FRAMES
 from seseme_cli.engine.handle import ABORTED, FAILED, FINISHED, RUNNING, RequestHandle
 from seseme_cli.errors import InputError, SesemeError
 from seseme_cli.speech.longform import SpeechJob
 from seseme_cli.speech.prompt import PromptBuilder
 from seseme_cli.speech.request import SpeechRequest
 
-CHUNK_FRAMES = 8  # frames per audio round once every request has its first audio
 ADMIT_EVERY = 4  # steps a request nobody listens to may wait so that admissions share one prefill
-SYNC_FIRST_CHUNK_ROWS = 8  # busy rows up to which a listener's first chunk is decoded before the next frame
 
 
 class QueueFull(SesemeError):
@@ -71,8 +65,8 @@ class Stats:
 class _Row:
     """A request on a cache row: its plan, the current generation's frame limit and frames, its audio slot."""
 
-    def __init__(self, handle: RequestHandle, job: SpeechJob, slot: int | None):
-        self.handle, self.job, self.slot = handle, job, slot
+    def __init__(self, handle: RequestHandle, job: SpeechJob):
+        self.handle, self.job, self.slot = handle, job, None
         self.generation = 0  # bumped when a generation ends: a frame queued before that is not this one's
         self.limit = 0
         self.pieces: list[np.ndarray] = []
@@ -99,7 +93,6 @@ class SpeechEngine:
         self.prompts = PromptBuilder(tts.tokenizer, tts.config)
         self.max_waiting = max_waiting
         self.prefill_rows_per_step = prefill_rows_per_step or self.runner.prefill.chunk_rows
-        self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
         self.stats = Stats()
         self.rows: list[_Row | None] = [None] * self.B
         self.positions = [0] * self.B  # host copy of each row's next write position
@@ -118,17 +111,13 @@ class SpeechEngine:
         self._inflight: collections.deque = collections.deque()  # (ring slot, n, [(row, state, generation)])
         self._launches = 0
         # Audio: one decoder slot per request being decoded. A few more slots than rows, so that a row whose
-        # request ended can take the next one before the old request's last frames are decoded. The lowest free
-        # slot goes first (a heap): an audio round decodes the slots up to the highest one in use.
+        # request ended can take the next one before the old request's last frames are decoded.
         self.audio = None
-        self._slots_free: list[int] = []
-        self._endings: list[tuple] = []  # (state, status, error, exception): over, waiting for their last audio round
         if decode_audio:
-            from seseme_cli.audio.rows import RowAudio
+            from seseme_cli.engine.audio_rounds import AudioRounds
 
-            slots = audio_slots or (self.B + max(2, self.B // 8))
-            self.audio = RowAudio(tts.codec, slots, self._on_piece, pcm16=pcm16)
-            self._slots_free = list(range(slots))
+            self.audio = AudioRounds(tts.codec, audio_slots or (self.B + max(2, self.B // 8)), pcm16,
+                                     first_chunk_frames, chunk_frames)
         dummy = torch.zeros(1, self.K + 1, dtype=torch.long)
         self._park_prompt = (dummy, dummy.bool())
         for row in range(self.B):
@@ -172,7 +161,7 @@ class SpeechEngine:
 
     def has_work(self) -> bool:
         return bool(self._arrivals or self._aborts or self.waiting or self.active_rows or self._inflight
-                    or self._endings or self._audio_pending())
+                    or (self.audio is not None and self.audio.pending([r for r in self.rows if r is not None])))
 
     def step(self) -> StepOutput:
         """Advance every busy row by one frame (see the module docstring); returns what became known. If the
@@ -190,11 +179,9 @@ class SpeechEngine:
             handles, self._live, self._arrivals = list(self._live), set(), []
         self.waiting.clear()
         if self.audio is not None:  # the requests' decoder slots are free again
-            taken = [r.slot for r in self.rows if r is not None] + [ending[0].slot for ending in self._endings]
-            self._slots_free.extend(taken)
-            heapq.heapify(self._slots_free)
+            self.audio.reclaim([r for r in self.rows if r is not None])
         self.rows = [None] * self.B
-        self._endings, self._inflight, self._pending = [], collections.deque(), {}
+        self._inflight, self._pending = collections.deque(), {}
         for row in range(self.B):  # every row starts over from a one-frame prompt
             self._park(row)
         for handle in handles:
@@ -250,8 +237,7 @@ class SpeechEngine:
         """Abort what is left and stop the audio thread."""
         if self.broken:
             self.fail_all(f"the audio decoder failed: {self.audio.error}")
-            self.audio.items.put(None)
-            self.audio.thread.join()
+            self.audio.close_broken()
             return
         with self._lock:
             left = [*self._arrivals, *self.waiting, *(r.handle for r in self.rows if r is not None)]
@@ -303,7 +289,8 @@ class SpeechEngine:
         self._admit_wait = 0
         budget = self.prefill_rows_per_step if len(free) < self.B else None  # None: nobody would wait for it
         rows = 0
-        while self.waiting and free and (self.audio is None or self._slots_free) and (budget is None or rows < budget):
+        has_slot = (lambda: True) if self.audio is None else (lambda: self.audio.has_free_slot)
+        while self.waiting and free and has_slot() and (budget is None or rows < budget):
             handle = self.waiting.popleft()
             try:
                 job = SpeechJob(handle.request, self.tts.encode_context(handle.request.context), self.prompts)
@@ -313,8 +300,9 @@ class SpeechEngine:
                 out.finished.append(handle)
                 continue
             row = free.pop(0)
-            state = _Row(handle, job, heapq.heappop(self._slots_free) if self.audio is not None else None)
-            state.audio_due = self.first_chunk_frames if handle.low_latency else self.chunk_frames
+            state = _Row(handle, job)
+            if self.audio is not None:
+                self.audio.start(state)
             handle.status, handle.started, handle.chunks_total = RUNNING, time.perf_counter(), len(job.chunks)
             self.rows[row] = state
             self._start_generation(row, state, gen)
@@ -406,59 +394,15 @@ class SpeechEngine:
         if self.audio is None:
             state.handle.deliver_end(status, error, exception)
         else:
-            self._endings.append((state, status, error, exception))
+            self.audio.end(state, status, error, exception)
 
     # --- audio ---------------------------------------------------------------------------------------------
 
-    def _audio_pending(self) -> bool:
-        return self.audio is not None and any(r is not None and r.audio for r in self.rows)
-
     def _audio_round(self, force: bool) -> None:
-        if self.audio is None:
-            return
-        active = [r for r in self.rows if r is not None]
-        first = any(r.handle.low_latency and not r.audio_started and len(r.audio) >= self.first_chunk_frames
-                    for r in active)
-        due = any(len(r.audio) >= r.audio_due for r in active) or len(self._endings) >= self.B
-        if not (force or first or due):
-            return
-        ending = self._endings
-        rows = [(state, True) for state in active] + [(ending[0], False) for ending in ending]
-        k = max((len(state.audio) for state, _ in rows), default=0)
-        if k:
-            width = max(state.slot for state, _ in rows) + 1
-            frames = np.zeros((k, width, self.K), dtype=np.int64)
-            listed, fresh = [], set()
-            for state, goes_on in rows:
-                kept = len(state.audio)
-                if kept:
-                    frames[:kept, state.slot] = np.stack(state.audio)
-                    if not state.audio_started:
-                        fresh.add(state.slot)
-                        state.audio_started = True
-                    state.audio_due = min(self.chunk_frames, 2 * state.audio_due)
-                listed.append((state.slot, state, kept, goes_on))
-                state.audio = []
-            self.audio.round(frames, listed, fresh)
-            if first and len(active) <= SYNC_FIRST_CHUNK_ROWS:
-                # A listener's first chunk: decode it with the GPU and the GIL to itself (the next frames would
-                # queue their kernels ahead of the decode's and hold the GIL for their launches). Costs the other
-                # rows one decode of every slot, once per listener: only worth it while few rows run (under load
-                # new listeners come every step, and the wait would stall every stream each time).
-                self.audio.sync()
-        for state, status, error, exception in ending:
-            self.audio.end(state, self._finisher(state, status, error, exception))
-            heapq.heappush(self._slots_free, state.slot)
-        self._endings = []
+        if self.audio is not None:
+            self.audio.round([r for r in self.rows if r is not None], force, max_endings=self.B)
 
-    def _on_piece(self, state: _Row, samples: np.ndarray) -> None:
-        if not state.handle.done:
-            state.handle.deliver_audio(samples)
-
-    @staticmethod
-    def _finisher(state: _Row, status: str, error: str | None, exception):
-        def finish(special: int) -> None:
-            state.handle.special = special
-            state.handle.deliver_end(status, error, exception)
-
-        return finish
+    def set_chunking(self, first_chunk_frames: int, chunk_frames: int) -> None:
+        """Listeners' first chunk and the chunk size the chunks grow to, in frames (see engine.audio_rounds)."""
+        if self.audio is not None:
+            self.audio.first_chunk_frames, self.audio.chunk_frames = first_chunk_frames, chunk_frames

@@ -35,6 +35,11 @@ Tensor = torch.Tensor
 # chunk anyway) and an engine for many rows, which prefills many prompts at once, gets big ones.
 CHUNK_ROWS = 256
 MAX_CHUNK_ROWS = 2048
+# One prompt of up to this many prefill rows (a voice agent's short turn, no context) replays a CUDA graph
+# padded to the next of these sizes: its eager prefill is launch bound (~100 launches, 4.9 ms of host time for
+# a 39-frame prompt on the H200 while the GPU needs ~1 ms: BENCHMARKS.md run 13), and it is most of the time
+# to first audio.
+GRAPH_ROWS = (8, 16, 32, 64)
 
 
 def chunk_rows_for(max_batch: int) -> int:
@@ -133,6 +138,7 @@ class Prefill:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         p = model.c0_head.weight
         self.model, self.weights, self.tuning, self.chunk_rows = model, weights, tuning, chunk_rows
+        self.graphs: dict[int, _PrefillGraph] = {}  # prefill rows -> graph (capture())
         self.buf = StackBuffers(model.cfg.backbone, chunk_rows, p.device, p.dtype)
         # The frames' zeroed split-K workspace serves here too (same stream, left zeroed by every call) when it
         # is big enough for the chunk's row counts; else one of our own.
@@ -144,15 +150,77 @@ class Prefill:
 
     def __call__(self, prompts: Prompts) -> Tensor:
         """Write every prefill row's K/V (all layers) into its cache row; return the last frames' embeddings
-        (R, dim), in the engine's dtype."""
-        buf, P = self.buf, prompts.num_prefill
+        (R, dim), in the engine's dtype. One prompt that fits a captured graph replays it."""
+        graph = self._graph_for(prompts)
+        if graph is not None:
+            return graph(prompts)
+        P = prompts.num_prefill
         for start in range(0, max(P, 1), self.chunk_rows):
             end = min(start + self.chunk_rows, P)
             stop = end if end < P else prompts.tokens.shape[0]  # the final chunk embeds the last frames too
-            x = self.model.embed_frames(prompts.tokens[None, start:stop], prompts.mask[None, start:stop])[0]
-            n = end - start
-            if n:
-                buf.h[:n].copy_(x[:n])
-                run_stack(self.weights, buf, n, prompts.positions[start:end], prompts.lengths[start:end],
-                          prompts.cache_rows[start:end], self.workspace, self.tuning)
-        return x[n:].to(buf.h.dtype)
+            x = self._chunk(prompts.tokens[start:stop], prompts.mask[start:stop], prompts.positions[start:end],
+                            prompts.lengths[start:end], prompts.cache_rows[start:end], end - start)
+        return x
+
+    def _chunk(self, tokens, mask, positions, lengths, cache_rows, n: int) -> Tensor:
+        """n prefill rows (tokens' first n frames) through the stack; returns the embeddings of the frames after
+        them (the last frames, for the final chunk)."""
+        x = self.model.embed_frames(tokens[None], mask[None])[0]
+        if n:
+            self.buf.h[:n].copy_(x[:n])
+            run_stack(self.weights, self.buf, n, positions, lengths, cache_rows, self.workspace, self.tuning)
+        return x[n:].to(self.buf.h.dtype)
+
+    # --- one short prompt as a CUDA graph ----------------------------------------------------------------------
+
+    def capture(self) -> None:
+        """Capture the one-prompt prefill for each of GRAPH_ROWS that a chunk holds (CUDA only), the largest first,
+        all in its memory pool (they are replayed one at a time, and each keeps its output). The warm-ups write
+        K/V into cache slot 0 of row 0: a row's own prefill rewrites its slots before it reads them, as after
+        the frame graphs' warm-up."""
+        self.graphs, pool = {}, None
+        for rows in sorted((r for r in GRAPH_ROWS if r <= self.chunk_rows), reverse=True):
+            self.graphs[rows] = graph = _PrefillGraph(self, rows, self.buf.h.device, pool)
+            pool = graph.graph.pool()
+
+    def _graph_for(self, prompts: Prompts):
+        if not self.graphs or len(prompts.frames) != 1 or prompts.num_prefill == 0:
+            return None
+        return next((g for rows, g in sorted(self.graphs.items()) if rows >= prompts.num_prefill), None)
+
+
+class _PrefillGraph:
+    """The prefill of one prompt of up to `rows` prefill rows, replayed from a CUDA graph over static inputs. A
+    shorter prompt is padded with copies of its last prefill row: each writes the same K/V into the same cache
+    slot again (same token, position and row), and their outputs are dropped."""
+
+    def __init__(self, prefill: Prefill, rows: int, device, pool=None):
+        width = prefill.model.cfg.num_codebooks + 1
+        self.rows = rows
+        self.tokens = torch.zeros(rows + 1, width, dtype=torch.long, device=device)  # the prefill rows, then the last
+        self.mask = torch.zeros(rows + 1, width, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        self.lengths = torch.ones(rows, dtype=torch.long, device=device)
+        self.cache_rows = torch.zeros(rows, dtype=torch.long, device=device)
+        args = (self.tokens, self.mask, self.positions, self.lengths, self.cache_rows, rows)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: modules load and the caching allocator sizes its blocks
+            prefill._chunk(*args)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = prefill._chunk(*args)
+
+    def __call__(self, prompts: Prompts) -> Tensor:
+        P, pad = prompts.num_prefill, self.rows - prompts.num_prefill
+        for static, given in ((self.tokens, prompts.tokens), (self.mask, prompts.mask)):
+            static[:P].copy_(given[:P])
+            static[P:self.rows].copy_(given[P - 1 : P].expand(pad, -1))
+            static[self.rows :].copy_(given[P:])
+        for static, given in ((self.positions, prompts.positions), (self.lengths, prompts.lengths),
+                              (self.cache_rows, prompts.cache_rows)):
+            static[:P].copy_(given)
+            static[P:].copy_(given[P - 1 :].expand(pad))
+        self.graph.replay()
+        return self.out
