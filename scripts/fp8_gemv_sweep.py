@@ -19,7 +19,8 @@ import torch
 
 from seseme_cli.engine.tuning import load_tuning, tuned_config
 from seseme_cli.model.checkpoints import load_checkpoint
-from seseme_cli.ops.linear import LinearConfig, linear_ref, swiglu_linear_ref
+from seseme_cli.ops.linear import linear_ref, swiglu_linear_ref
+from seseme_cli.ops.linear_config import LinearConfig
 from seseme_cli.ops.linear_fp8 import (_fp8_config_error, default_fp8_config, dequantize_fp8, linear_fp8,
                                        quantize_fp8, swiglu_linear_fp8)
 from seseme_cli.ops.rmsnorm import rms_norm_ref

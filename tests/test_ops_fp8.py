@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from conftest import assert_allocates_nothing
 from seseme_cli.ops.kernels import has_cuda_kernels, kernels_module
-from seseme_cli.ops.linear import LinearConfig, linear_ref, swiglu_linear_ref
+from seseme_cli.ops.linear import linear_ref, swiglu_linear_ref
+from seseme_cli.ops.linear_config import LinearConfig
 from seseme_cli.ops.linear_fp8 import (
     FP8_DTYPE,
     FP8_MAX,

@@ -11,19 +11,9 @@ import torch.nn.functional as F
 
 from conftest import assert_allocates_nothing
 from seseme_cli.ops.kernels import has_cuda_kernels, kernels_module
-from seseme_cli.ops.linear import (
-    LinearConfig,
-    _norm_fuses,
-    _config_error,
-    _kernel_applies,
-    default_config,
-    linear,
-    linear_ref,
-    linear_workspace,
-    linear_workspace_bytes,
-    swiglu_linear,
-    swiglu_linear_ref,
-)
+from seseme_cli.ops.linear import _kernel_applies, linear, linear_ref, norm_fuses, swiglu_linear, swiglu_linear_ref
+from seseme_cli.ops.linear_config import (LinearConfig, config_error, default_config, linear_workspace,
+                                          linear_workspace_bytes)
 from seseme_cli.ops.rmsnorm import rms_norm, rms_norm_ref
 
 # (m, k) of every linear layer in CSM-1B: backbone qkv, o, gate_up, down, codebook-0 head, projection;
@@ -206,7 +196,7 @@ def test_config_rules_match_the_binding():
         for cfg in itertools.chain(all_configs(min(n, 8), swiglu), all_configs(n, swiglu)):
             if cfg.kernel == "torch":
                 continue
-            py_err = _config_error(cfg, n, m, k, swiglu)
+            py_err = config_error(cfg, n, m, k, swiglu)
             cpp_err = k_mod.linear_config_error(n, m, k, swiglu, *cfg.codes())
             assert (py_err is None) == (cpp_err is None), (cfg, n, m, k, swiglu, py_err, cpp_err)
             assert linear_workspace_bytes(n, m, k, swiglu, cfg) == k_mod.linear_workspace_bytes(
@@ -286,7 +276,7 @@ def test_kernel_every_config(n, swiglu, dtype):
     for i, (m, k) in enumerate([(1000, 1000), (2051, 2048)]):
         problem = Problem(n, m, k, dtype, seed=n * 10 + i, residual=not swiglu, swiglu=swiglu)
         for cfg in all_configs(n, swiglu):
-            if _config_error(cfg, n, m, k, swiglu) is not None:
+            if config_error(cfg, n, m, k, swiglu) is not None:
                 continue
             try:
                 problem.check(cfg, ws, inplace=not swiglu and ran % 2 == 1)
@@ -620,7 +610,7 @@ def test_norm_fused_every_gemv_config(n, swiglu, dtype):
     for i, (m, k) in enumerate([(1000, 1000), (300, 2056)]):
         p = NormProblem(n, m, k, dtype, seed=n * 10 + i, residual=not swiglu, swiglu=swiglu)
         for cfg in all_configs(n, swiglu):
-            if cfg.kernel != "gemv" or _config_error(cfg, n, m, k, swiglu) is not None:
+            if cfg.kernel != "gemv" or config_error(cfg, n, m, k, swiglu) is not None:
                 continue
             try:
                 p.check(cfg)
@@ -648,7 +638,7 @@ def test_norm_unaligned_weight_and_mma_config_take_the_unfused_path():
     buf = torch.empty(1025, dtype=torch.bfloat16, device="cuda")
     nw = buf[1:]
     nw.copy_(p.nw)
-    assert not _norm_fuses(p.x, nw)
+    assert not norm_fuses(p.x, nw)
     p.nw = nw
     p.check()
 

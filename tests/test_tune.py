@@ -20,7 +20,7 @@ from seseme_cli.engine import tuning
 from seseme_cli.model.config import csm_1b
 from seseme_cli.ops.kernels import has_cuda_kernels
 from seseme_cli.ops import attention as A
-from seseme_cli.ops.linear import LinearConfig, _config_error, default_config
+from seseme_cli.ops.linear_config import LinearConfig, config_error, default_config
 
 KEY = {"gpu": "NVIDIA H100 80GB HBM3", "sms": 132, "cuda_torch": "12.8", "cuda_kernels": None, "kernels": "0.1.0",
        "tuning_version": tuning.KERNEL_TUNING_VERSION}
@@ -197,7 +197,7 @@ def test_linear_candidates_are_valid_and_start_with_the_default():
         assert cands[0] == {} and len(cands) > 20
         configs = [c["config"] for c in cands[1:]]
         assert len(set(configs)) == len(configs)
-        assert all(_config_error(c, n, m, k, swiglu) is None for c in configs)
+        assert all(config_error(c, n, m, k, swiglu) is None for c in configs)
         default = default_config(n, m, k, swiglu, split_ok=True)
         assert default not in configs  # the default runs as {} (exactly what the engine runs untuned), once
         assert any(c.kernel == "torch" for c in configs + [default]) == (not swiglu)
@@ -264,7 +264,7 @@ def test_engine_runs_the_same_with_a_tuning_on_cpu(monkeypatch):
     # On the CPU the ops run their references, which check the tuned arguments and ignore them: the frames must
     # be the same, and the split-K workspace is sized for the tuned configs.
     from seseme_cli.engine import Engine, runner
-    from seseme_cli.ops.linear import linear_workspace_bytes
+    from seseme_cli.ops.linear_config import linear_workspace_bytes
     from test_engine import models, prompt
 
     ref, model = models("tiny-random", "cpu", torch.float32)

@@ -14,7 +14,8 @@ import torch
 from seseme_cli.model.config import CsmConfig, TransformerConfig
 from seseme_cli.ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append
 from seseme_cli.ops.embedding import embed_codes
-from seseme_cli.ops.linear import linear, linear_workspace_bytes, swiglu_linear
+from seseme_cli.ops.linear import linear, swiglu_linear
+from seseme_cli.ops.linear_config import linear_workspace_bytes
 from seseme_cli.ops.linear_fp8 import linear_fp8, swiglu_linear_fp8
 from seseme_cli.ops.rmsnorm import rms_norm
 from seseme_cli.ops.short_attention import rope_append_attention, short_attention_fits

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from seseme_cli.model.reference import CsmModel
-from seseme_cli.ops.linear import linear_workspace_bytes
+from seseme_cli.ops.linear_config import linear_workspace_bytes
 from seseme_cli.engine.tuning import tuned_config
 from seseme_cli.engine.frame import StackBuffers, run_stack
 from seseme_cli.engine.pack import StackWeights

@@ -35,7 +35,7 @@ import torch
 
 from seseme_cli.ops.kernels import kernels_module
 from seseme_cli.ops import attention as A
-from seseme_cli.ops.linear import LinearConfig, _as_config, _config_error
+from seseme_cli.ops.linear_config import LinearConfig, as_config, config_error
 from seseme_cli.ops.sampling import MAX_THREADS as SAMPLE_MAX_THREADS
 from seseme_cli.ops.short_attention import SHORT_MAX_THREADS
 
@@ -138,7 +138,7 @@ class Tuning:
                 if SHAPE_ARITY.get(op) != len(shape):
                     raise ValueError(f"unknown op {op!r} or shape {list(shape)}")
                 if "config" in kwargs:
-                    kwargs["config"] = _as_config(kwargs["config"])
+                    kwargs["config"] = as_config(kwargs["config"])
                 _validate(op, shape, kwargs)
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"entry {i}: {e}") from None
@@ -163,7 +163,7 @@ def _validate(op: str, shape: tuple[int, ...], kwargs: dict) -> None:
         raise ValueError(f"{op}: unknown parameters {sorted(set(kwargs) - allowed)}")
     if op == "linear":
         n, m, k, swiglu = shape
-        err = _config_error(kwargs["config"], n, m, k, bool(swiglu)) if "config" in kwargs else None
+        err = config_error(kwargs["config"], n, m, k, bool(swiglu)) if "config" in kwargs else None
         if err:
             raise ValueError(f"linear {list(shape)}: {err}")
         return

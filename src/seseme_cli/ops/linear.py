@@ -14,7 +14,7 @@ parameters; the autotuner supplies its own. Larger n (prefill) and anything the 
 k % 8 != 0, x or weight not 16-byte aligned, fp32, autograd) go to the reference.
 
 Split-K and the workspace: the MMA kernel splits K over blocks when the row tiles alone cannot fill the GPU.
-Its blocks reduce through a caller-given workspace, zero-initialised once (`linear_workspace`); each call
+Its blocks reduce through a caller-given workspace, zero-initialised once (`linear_config.linear_workspace`); each call
 leaves it zeroed again, so one buffer serves every call on one stream, of any shape, as long as it is at least
 `linear_workspace_bytes` for each. Without a workspace the default config does not split K. With `out` (and the
 workspace when the config splits) given, a call allocates nothing and never syncs: it can be captured in a
@@ -31,220 +31,17 @@ norm_out, so no path allocates. norm_out is required (x's shape and dtype, not o
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
+from seseme_cli.ops.linear_config import (MMA_MAX_N, LinearConfig, as_config, default_config, sm_count,
+                                          workspace_bytes)
 from seseme_cli.ops.rmsnorm import rms_norm, rms_norm_ref
 
 Tensor = torch.Tensor
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-GEMV_MAX_N = 8
-MMA_MAX_N = 64
-MAX_COUNTERS = 8192  # int32 tile counters at the start of a split-K workspace (cuda/linear.cuh)
-KERNELS = ("gemv", "mma", "torch")
-
-
-@dataclass(frozen=True)
-class LinearConfig:
-    """Launch parameters of the linear kernels.
-
-    kernel: "gemv" (n <= 8, CUDA cores), "mma" (n <= 64, tensor cores) or "torch" (cuBLAS through torch.mm /
-        torch.addmm into `out`, one rounding like ours; no SwiGLU; other fields ignored): cuBLAS is faster
-        than "mma" for plain layers at n > 16 with m a multiple of 64.
-    warps: warps per block (1, 2, 4, 8).
-    rows: gemv: output rows per warp (1, 2, 4); mma: 16-row weight tiles per warp (1, 2, 4; >= 2 for swiglu;
-        rows * padded_n / 8 <= 16, padded_n in 8, 16, 32, 64).
-    split_k: gemv: warps of a block splitting K of one row group, a power of two dividing warps (no workspace);
-        mma: blocks splitting K, 1..16 (> 1 needs a workspace).
-    unroll: gemv: 16-byte weight loads in flight per weight row and lane (2, 4, 8; rows * unroll, doubled for
-        swiglu, <= 16). Ignored by mma.
-    stages: mma: cp.async pipeline depth (2, 3, 4; shared memory stages * (warps*16*rows + padded_n) * 128 bytes
-        <= 227 KB). Ignored by gemv.
-    """
-
-    kernel: str = "gemv"
-    warps: int = 4
-    rows: int = 1
-    split_k: int = 1
-    unroll: int = 8
-    stages: int = 3
-
-    def check(self, n: int, m: int, k: int, swiglu: bool = False) -> None:
-        """ValueError unless the kernels can run this config for x (n, k), m output columns (f for swiglu)."""
-        err = _config_error(self, n, m, k, swiglu)
-        if err is not None:
-            raise ValueError(f"linear: config {self} cannot run n={n}, m={m}, k={k}, swiglu={swiglu}: {err}")
-
-    def codes(self) -> tuple[int, int, int, int, int, int]:
-        """(kernel, warps, rows, split_k, unroll, stages) as the binding takes them (gemv and mma only)."""
-        return (KERNELS.index(self.kernel), self.warps, self.rows, self.split_k, self.unroll, self.stages)
-
-
-def _mma_npad(n: int) -> int:
-    return 8 if n <= 8 else 16 if n <= 16 else 32 if n <= 32 else 64
-
-
-def _pow2_upto(v: int, hi: int) -> bool:
-    return isinstance(v, int) and 1 <= v <= hi and v & (v - 1) == 0
-
-
-def _mma_grid(m: int, k: int, swiglu: bool, cfg: LinearConfig) -> tuple[int, int]:
-    """(row tiles, K slices) as the launcher makes them; every slice gets >= 1 chunk of 64 k."""
-    rows_out = cfg.warps * 16 * cfg.rows // (2 if swiglu else 1)
-    tiles = -(-m // rows_out)
-    nchunks = -(-k // 64)
-    per_split = -(-nchunks // cfg.split_k)
-    return tiles, -(-nchunks // per_split)
-
-
-def _config_error(cfg: LinearConfig, n: int, m: int, k: int, swiglu: bool) -> str | None:
-    """The rules of linear_config_error in cuda/linear.cuh (a test holds the two equal)."""
-    if n < 1 or m < 1 or k < 1:
-        return "n, m and k must be >= 1"
-    if m > 2**30 - 1 or k > 2**31 - 1 or n * k > 2**31 - 1 or n * m > 2**31 - 1:
-        return "sizes too large for 32-bit indexing"
-    if k % 8:
-        return "k must be a multiple of 8 for the kernels"
-    if cfg.kernel == "torch":
-        return "the torch (cuBLAS) kernel has no SwiGLU epilogue" if swiglu else None
-    if not _pow2_upto(cfg.warps, 8):
-        return "warps must be 1, 2, 4 or 8"
-    if cfg.kernel == "gemv":
-        if n > GEMV_MAX_N:
-            return f"the GEMV kernel takes n <= {GEMV_MAX_N}"
-        if not _pow2_upto(cfg.rows, 4):
-            return "GEMV rows (output rows per warp) must be 1, 2 or 4"
-        if cfg.unroll not in (2, 4, 8):
-            return "GEMV unroll must be 2, 4 or 8"
-        if cfg.rows * cfg.unroll * (2 if swiglu else 1) > 16:
-            return "GEMV rows * unroll (* 2 for swiglu) must be <= 16 (loads in flight per lane)"
-        if not _pow2_upto(cfg.split_k, 8) or cfg.warps % cfg.split_k:
-            return "GEMV split_k must be a power of two dividing warps"
-        return None
-    if cfg.kernel == "mma":
-        if n > MMA_MAX_N:
-            return f"the MMA kernel takes n <= {MMA_MAX_N}"
-        if not _pow2_upto(cfg.rows, 4):
-            return "MMA rows (16-row tiles per warp) must be 1, 2 or 4"
-        if swiglu and cfg.rows < 2:
-            return "MMA with swiglu needs rows >= 2 (gate and up tiles per warp)"
-        if cfg.rows * _mma_npad(n) > 128:
-            return "MMA rows * padded n / 8 must be <= 16 (accumulators)"
-        if cfg.stages not in (2, 3, 4):
-            return "MMA stages must be 2, 3 or 4"
-        if not (isinstance(cfg.split_k, int) and 1 <= cfg.split_k <= 16):
-            return "MMA split_k must be in 1..16"
-        if cfg.stages * (cfg.warps * 16 * cfg.rows + _mma_npad(n)) * 128 > 227 * 1024:
-            return "MMA config needs more than 227 KB of shared memory"
-        tiles, splits = _mma_grid(m, k, swiglu, cfg)
-        if splits > 1 and tiles > MAX_COUNTERS:
-            return "too many row tiles for split-K"
-        return None
-    return f"kernel must be one of {KERNELS}"
-
-
-def _as_config(config: LinearConfig | dict | None) -> LinearConfig | None:
-    if config is None or isinstance(config, LinearConfig):
-        return config
-    if isinstance(config, dict):
-        names = {f.name for f in dataclasses.fields(LinearConfig)}
-        unknown = set(config) - names
-        if unknown:
-            raise ValueError(f"linear: unknown config fields {sorted(unknown)}; known: {sorted(names)}")
-        return LinearConfig(**config)
-    raise ValueError(f"linear: config must be a LinearConfig, a dict or None, got {type(config).__name__}")
-
-
-def gemv_config(n: int, m: int, packs: int, swiglu: bool, short_rows: bool, sms: int) -> LinearConfig:
-    """The GEMV's rule for x (n, k) and m output rows whose weight rows are `packs` 16-byte loads long (bf16:
-    k / 8, fp8: k / 16); short_rows: rows short enough for 4 loads in flight per lane rather than 8."""
-    rows = 1 if n == 1 or (swiglu and n == 2) else 2
-    unroll = 2 if rows > 1 else 4 if swiglu or short_rows else 8  # 4-8 weight loads in flight per lane
-    while unroll > 2 and 32 * unroll > packs:  # a step of 32 * unroll packs should not run past the row
-        unroll //= 2
-    chunks = -(-packs // (32 * unroll))
-    row_warps = -(-m // rows)
-    split = 1
-    while split < 8 and 2 * split <= chunks and row_warps * split < 12 * sms:
-        split *= 2
-    return LinearConfig("gemv", warps=max(4, split), rows=rows, split_k=split, unroll=unroll, stages=3)
-
-
-@functools.lru_cache(maxsize=4096)
-def default_config(n: int, m: int, k: int, swiglu: bool = False, *, split_ok: bool = True,
-                   sms: int = 132) -> LinearConfig:
-    """The built-in launch config for x (n, k) and m output columns (f for swiglu) on a GPU with `sms`
-    multiprocessors. split_ok=False: no config that needs a workspace. For n > 64 (the reference runs)
-    and k % 8 != 0 it still returns a config, which the dispatcher does not use.
-
-    Rules read off a sweep of every config over the model's shapes on an H100 (CUDA graphs, weights streamed
-    from HBM): the GEMV wins up to n = 4, and to n = 8 for plain layers with k <= 2048; the MMA kernel wants
-    small row tiles (one 16-row tile per warp, 32-64 rows per block) and K split until there are ~2-4 blocks
-    per SM; SwiGLU layers (m = 8192) have enough row tiles without splitting. cuBLAS matches or beats the MMA kernel
-    on plain layers from n = 17 on (from n = 9 for k <= 2048), except for odd m (2051), where it is slow.
-    """
-    if n <= 4 or (n <= GEMV_MAX_N and k <= 2048 and not swiglu):
-        return gemv_config(n, m, k // 8, swiglu, short_rows=k <= 2048, sms=sms)
-    if not swiglu and m % 64 == 0 and (n > 16 or k <= 2048):
-        return LinearConfig("torch")
-    npad = _mma_npad(min(n, MMA_MAX_N))
-    warps = 2 if n <= 16 else 4
-    rows = 2 if swiglu else 1
-    tiles = -(-m // (warps * 16 * rows // (2 if swiglu else 1)))
-    split = 1
-    if split_ok and not swiglu:
-        target = (4 if n <= 16 else 2) * sms
-        split = max(1, min(16, -(-k // 64) // 2, round(target / tiles)))
-    stages = 4
-    while stages > 2 and stages * (warps * 16 * rows + npad) * 128 > 227 * 1024:
-        stages -= 1
-    return LinearConfig("mma", warps=warps, rows=rows, split_k=split, unroll=8, stages=stages)
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sms(device: torch.device | str | None) -> int:
-    device = torch.device(device) if device is not None else None
-    if device is None or device.type != "cuda" or not torch.cuda.is_available():
-        return 132
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def linear_workspace_bytes(n: int, m: int, k: int, swiglu: bool = False, config: LinearConfig | dict | None = None,
-                           *, device: torch.device | str | None = None) -> int:
-    """Bytes of workspace the kernel needs for this problem: for `config`, or for the default config with a
-    workspace on `device`. 0 when the config does not split K."""
-    cfg = _as_config(config) or default_config(n, m, k, swiglu, sms=_sms(device))
-    return _workspace_bytes(n, m, k, swiglu, cfg)
-
-
-@functools.lru_cache(maxsize=4096)
-def _workspace_bytes(n: int, m: int, k: int, swiglu: bool, cfg: LinearConfig) -> int:
-    if cfg.kernel != "mma" or _config_error(cfg, n, m, k, swiglu) is not None:
-        return 0  # gemv and torch need none
-    tiles, splits = _mma_grid(m, k, swiglu, cfg)
-    if splits <= 1:
-        return 0
-    return MAX_COUNTERS * 4 + splits * tiles * (cfg.warps * 32 * cfg.rows * _mma_npad(n) // 2) * 4
-
-
-def linear_workspace(n: int, m: int, k: int, swiglu: bool = False, config: LinearConfig | dict | None = None,
-                     *, device: torch.device | str = "cuda") -> Tensor:
-    """A zeroed workspace (uint8) big enough for this problem; allocate it outside graph capture. For several
-    shapes, allocate once with the max of their linear_workspace_bytes and pass the same buffer to all."""
-    nbytes = linear_workspace_bytes(n, m, k, swiglu, config, device=device)
-    return torch.zeros(max(nbytes, 16), dtype=torch.uint8, device=device)
-
-
 # ---------------------------------------------------------------------------------------------- linear
 
 
@@ -315,9 +112,9 @@ def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | 
     n = x.numel() // k
     applies = _kernel_applies(x, weight, out, residual)
     if applies and n > 0 and cfg is None:
-        cfg = default_config(n, m, k, swiglu, split_ok=workspace is not None, sms=_sms(x.device))
+        cfg = default_config(n, m, k, swiglu, split_ok=workspace is not None, sms=sm_count(x.device))
     if norm_weight is not None and not (applies and n > 0 and cfg.kernel == "gemv"
-                                        and _norm_fuses(x, norm_weight)):
+                                        and norm_fuses(x, norm_weight)):
         # Unfused: the norm kernel into norm_out, then the plain projection of norm_out.
         rms_norm(x, norm_weight, norm_eps, out=norm_out)
         return _dispatch(norm_out, weight, out, residual, cfg, workspace, swiglu)
@@ -335,7 +132,7 @@ def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | 
     ws_ptr, ws_bytes = (0, 0)
     if workspace is not None:
         ws_ptr, ws_bytes = workspace.data_ptr(), workspace.numel() * workspace.element_size()
-    need = _workspace_bytes(n, m, k, swiglu, cfg)
+    need = workspace_bytes(n, m, k, swiglu, cfg)
     if need > ws_bytes:
         raise ValueError(f"linear: config {cfg} splits K and needs a zeroed workspace of >= {need} bytes "
                          f"(linear_workspace), got {ws_bytes}")
@@ -372,7 +169,7 @@ def _swiglu_one_gemm(x: Tensor, weight_gate_up: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-def _overlap(a: Tensor, b: Tensor) -> bool:
+def overlaps(a: Tensor, b: Tensor) -> bool:
     if a.device != b.device or a.numel() == 0 or b.numel() == 0:
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
@@ -398,20 +195,20 @@ def _check_args(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor 
             raise ValueError(f"{name}: {what} must be {shape} {x.dtype} on {x.device}, "
                              f"got {tuple(t.shape)} {t.dtype} on {t.device}")
     if out is not None:
-        if _overlap(out, x) or _overlap(out, weight):
+        if overlaps(out, x) or overlaps(out, weight):
             raise ValueError(f"{name}: out must not overlap x or weight")
-        if residual is not None and _overlap(out, residual) and (
+        if residual is not None and overlaps(out, residual) and (
                 out.data_ptr() != residual.data_ptr() or out.stride() != residual.stride()):
             raise ValueError(f"{name}: out must be residual itself or not overlap it")
     if norm_weight is not None or norm_out is not None:
-        _check_norm_args(name, x, weight, out, residual, norm_weight, norm_out)
-    cfg = _as_config(config)
+        check_norm_args(name, x, weight, out, residual, norm_weight, norm_out)
+    cfg = as_config(config)
     if cfg is not None and x.numel() > 0:
         cfg.check(x.numel() // x.shape[-1], m, x.shape[-1], swiglu)
     return cfg
 
 
-def _check_norm_args(name: str, x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None,
+def check_norm_args(name: str, x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None,
                      norm_weight: Tensor | None, norm_out: Tensor | None) -> None:
     if norm_weight is None:
         raise ValueError(f"{name}: norm_out given without norm_weight")
@@ -426,11 +223,11 @@ def _check_norm_args(name: str, x: Tensor, weight: Tensor, out: Tensor | None, r
         raise ValueError(f"{name}: norm_out must be {tuple(x.shape)} {x.dtype} on {x.device}, "
                          f"got {tuple(norm_out.shape)} {norm_out.dtype} on {norm_out.device}")
     for what, t in (("x", x), ("weight", weight), ("out", out), ("residual", residual), ("norm_weight", norm_weight)):
-        if t is not None and _overlap(norm_out, t):
+        if t is not None and overlaps(norm_out, t):
             raise ValueError(f"{name}: norm_out must not overlap {what}")
 
 
-def _norm_fuses(x: Tensor, norm_weight: Tensor) -> bool:
+def norm_fuses(x: Tensor, norm_weight: Tensor) -> bool:
     """Whether the GEMV kernel can take norm_weight (x already passed _kernel_applies)."""
     return norm_weight.is_contiguous() and norm_weight.data_ptr() % 16 == 0
 

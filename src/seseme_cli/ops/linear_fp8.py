@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
-from seseme_cli.ops.linear import (GEMV_MAX_N, LinearConfig, gemv_config, _as_config, _check_norm_args, _config_error,
-                                   _norm_fuses, _overlap, _sms)
+from seseme_cli.ops.linear import check_norm_args, norm_fuses, overlaps
+from seseme_cli.ops.linear_config import GEMV_MAX_N, LinearConfig, as_config, config_error, gemv_config, sm_count
 from seseme_cli.ops.rmsnorm import rms_norm, rms_norm_ref
 
 Tensor = torch.Tensor
@@ -76,7 +76,7 @@ def _fp8_config_error(cfg: LinearConfig, n: int, m: int, k: int, swiglu: bool) -
         return "only the GEMV kernel takes fp8 weights"
     if k % 16:
         return "k must be a multiple of 16 for the fp8 GEMV"
-    return _config_error(cfg, n, m, k, swiglu)
+    return config_error(cfg, n, m, k, swiglu)
 
 
 # ---------------------------------------------------------------------------------------------- ops
@@ -150,8 +150,8 @@ def _dispatch(x: Tensor, weight: Tensor, scale: Tensor, out: Tensor | None, resi
         out = torch.empty((*x.shape[:-1], m), dtype=x.dtype, device=x.device)
     if n == 0:
         return out
-    cfg = cfg or default_fp8_config(n, m, k, swiglu, sms=_sms(x.device))
-    if norm_weight is not None and not _norm_fuses(x, norm_weight):
+    cfg = cfg or default_fp8_config(n, m, k, swiglu, sms=sm_count(x.device))
+    if norm_weight is not None and not norm_fuses(x, norm_weight):
         x = rms_norm(x, norm_weight, norm_eps, out=norm_out)
         norm_weight = None
     index = x.device.index
@@ -191,14 +191,14 @@ def _check_args(x: Tensor, weight: Tensor, scale: Tensor, out: Tensor | None, re
             raise ValueError(f"{name}: {what} must be {shape} {x.dtype} on {x.device}, "
                              f"got {tuple(t.shape)} {t.dtype} on {t.device}")
     if out is not None:
-        if _overlap(out, x):
+        if overlaps(out, x):
             raise ValueError(f"{name}: out must not overlap x")
-        if residual is not None and _overlap(out, residual) and (
+        if residual is not None and overlaps(out, residual) and (
                 out.data_ptr() != residual.data_ptr() or out.stride() != residual.stride()):
             raise ValueError(f"{name}: out must be residual itself or not overlap it")
     if norm_weight is not None or norm_out is not None:
-        _check_norm_args(name, x, weight, out, residual, norm_weight, norm_out)
-    cfg = _as_config(config)
+        check_norm_args(name, x, weight, out, residual, norm_weight, norm_out)
+    cfg = as_config(config)
     if cfg is not None and x.numel() > 0:
         err = _fp8_config_error(cfg, x.numel() // x.shape[-1], m, x.shape[-1], swiglu)
         if err is not None:

@@ -23,7 +23,7 @@ import torch
 from seseme_cli.model.config import CsmConfig
 from seseme_cli.errors import InputError
 from seseme_cli.ops.kernels import has_cuda_kernels
-from seseme_cli.ops.linear import LinearConfig
+from seseme_cli.ops.linear_config import LinearConfig
 from seseme_cli.tools.tune_cases import Case, frame_cases
 
 CALLS = 32  # calls per timed graph: long enough for event resolution, short enough to sweep hundreds

@@ -17,8 +17,8 @@ from seseme_cli.model.config import CsmConfig
 from seseme_cli.engine import frame as engine_frame
 from seseme_cli.model.reference import rope_inv_freq
 from seseme_cli.ops import attention as A
-from seseme_cli.ops.linear import LinearConfig, _config_error, default_config, linear, linear_ref, linear_workspace_bytes
-from seseme_cli.ops.linear import swiglu_linear, swiglu_linear_ref
+from seseme_cli.ops.linear import linear, linear_ref, swiglu_linear, swiglu_linear_ref
+from seseme_cli.ops.linear_config import LinearConfig, config_error, default_config, linear_workspace_bytes
 from seseme_cli.ops.rmsnorm import rms_norm_ref
 from seseme_cli.ops.sampling import sample_topk_philox, sample_topk_philox_ref
 from seseme_cli.ops.short_attention import SHORT_MAX_THREADS, rope_append_attention, short_attention_fits
@@ -59,7 +59,7 @@ def linear_candidates(n: int, m: int, k: int, swiglu: bool) -> list[dict]:
                 itertools.product((1, 2, 4, 8), (1, 2, 4), splits, stages)]
     out = [{}]
     for cfg in configs:
-        if cfg not in seen and _config_error(cfg, n, m, k, swiglu) is None:
+        if cfg not in seen and config_error(cfg, n, m, k, swiglu) is None:
             seen.add(cfg)
             out.append({"config": cfg})
     return out
