@@ -1,7 +1,10 @@
 """Probe (GPU, random full-size Mimi): what one streaming decode frame costs per slot bucket of the engine's audio
 decoder (audio.rows.streaming_decoder: CUDA graphs, TF32 matmuls), for an engine of `slots` decoder slots.
 CUDA events around 12 replays after a warm-up, on the decoder's own stream.
-Usage: python scripts/mimi_probe.py [slots]   (576: the slots of a 512-row engine)"""
+--cudnn-benchmark: let cuDNN time its convolution algorithms at capture (torch.backends.cudnn.benchmark).
+--profile: the CUDA kernels of 3 graphed frames of all slots, by total time (torch.profiler; CUPTI sees the
+kernels inside a graph).
+Usage: python scripts/mimi_probe.py [slots] [--cudnn-benchmark] [--profile]   (576: a 512-row engine's slots)"""
 import sys
 
 import torch
@@ -9,14 +12,17 @@ import torch
 from seseme_cli.audio.codec import MimiCodec
 from seseme_cli.audio.rows import slot_buckets, streaming_decoder
 
-slots = int(sys.argv[1]) if len(sys.argv) > 1 else 576
+args = sys.argv[1:]
+slots = next((int(a) for a in args if a.isdigit()), 576)
+torch.backends.cudnn.benchmark = "--cudnn-benchmark" in args
 codec = MimiCodec.random("full", device="cuda")
 K, frames = codec.num_codebooks, 12
 torch.manual_seed(0)
 codes = torch.randint(0, codec.cardinality, (slots, K, frames), device="cuda")
 
 with streaming_decoder(codec, slots, 1) as (decode, graphed):
-    print(f"slots {slots}: graphed {graphed}; buckets {slot_buckets(slots)}", flush=True)
+    print(f"slots {slots}: graphed {graphed}; cudnn.benchmark {torch.backends.cudnn.benchmark}; "
+          f"buckets {slot_buckets(slots)}", flush=True)
     stream = torch.cuda.current_stream()
     for m in slot_buckets(slots):
         decode(codes[:m, :, :2], None, None)  # warm
@@ -26,3 +32,11 @@ with streaming_decoder(codec, slots, 1) as (decode, graphed):
         end.record(stream)
         end.synchronize()
         print(f"bucket {m:4d} slots: {start.elapsed_time(end) / frames:.3f} ms per frame", flush=True)
+    if "--profile" in args:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            decode(codes[:, :, :3], None, None)
+            torch.cuda.synchronize()
+        print(f"3 graphed frames x {slots} slots, CUDA kernels by total time:")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
