@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import os
 import queue
 import threading
 import warnings
@@ -297,7 +296,7 @@ class _GraphedDecode:
         pool = None
         for m in reversed(buckets):  # the largest first: the others' activations fit in its memory pool
             graph = torch.cuda.CUDAGraph()
-            with _installed(sliced[m]), _tf32_matmuls(), _mimi_attention():
+            with _installed(sliced[m]), _tf32_matmuls():
                 model.decode(self.codes[:m])  # warm-up at this shape (cuDNN picks its algorithms outside capture)
                 # thread_local: the engine thread launches its own graphs meanwhile
                 with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
@@ -363,18 +362,6 @@ def _tf32_matmuls():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             matmul.allow_tf32 = before
-
-
-def _mimi_attention():
-    """The attention backend the captured decode uses: PyTorch's math backend (two batched matmuls and a softmax)
-    unless SESEME_MIMI_ATTENTION=auto (a diagnostic A/B). Mimi's decoder transformer attends in fp32 over a
-    250-step ring cache with a mask, where the auto choice, the memory-efficient kernel, took 40% of a 576-slot
-    frame on the H200 (0.66 ms per layer, `scripts/mimi_probe.py --profile`, BENCHMARKS.md run 14)."""
-    if os.environ.get("SESEME_MIMI_ATTENTION", "math") == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _sharing_weights(model):

@@ -170,7 +170,7 @@ def _validate(op: str, shape: tuple[int, ...], kwargs: dict) -> None:
     threads = kwargs.get("threads")
     most = {"attention": A.ATTENTION_MAX_THREADS, "short_attention": SHORT_MAX_THREADS, "rope": A.ROPE_MAX_THREADS,
             "sampling": SAMPLE_MAX_THREADS}[op]
-    A._check_threads(op, threads, most)
+    A.check_threads(op, threads, most)
     if op == "short_attention":
         n, heads, kv_heads, hd, cache_len = shape
         per_block = kwargs.get("heads_per_block")

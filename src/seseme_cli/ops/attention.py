@@ -70,7 +70,7 @@ def rope_append(
     `rope_append_ref` rounds like the model (cos/sin and each product in the tensor dtype). A kernel row
     with an out-of-range position or cache row writes no cache slot; the reference raises or wraps.
     """
-    _check_rope_args(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, q_out, threads)
+    check_rope_args(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, q_out, threads)
     if not _rope_kernel_applies(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, q_out):
         return rope_append_ref(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, q_out, threads=threads)
     n = qkv.shape[0]
@@ -96,7 +96,7 @@ def rope_append(
         dtype_code(qkv.dtype),
         threads or 0,
     )
-    _call(qkv.device, kernels_module().rope_append, args)
+    call_kernel(qkv.device, kernels_module().rope_append, args)
     return q_out
 
 
@@ -114,7 +114,7 @@ def rope_append_ref(
     """`rope_append` in plain PyTorch with the model's arithmetic (`Transformer.forward` / `Attention`):
     angles in fp32, cos/sin rounded to the tensor dtype, products and sum in the tensor dtype.
     `threads` is only checked."""
-    _check_rope_args(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, q_out, threads)
+    check_rope_args(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, q_out, threads)
     n, H = qkv.shape[0], q_out.shape[1]
     Hkv, hd = k_cache.shape[2], k_cache.shape[3]
     x = qkv.view(n, H + 2 * Hkv, hd)
@@ -135,7 +135,7 @@ def _rotate_half(x: Tensor) -> Tensor:  # model.rotate_half (not imported: model
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _check_rope_args(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, q_out, threads) -> None:
+def check_rope_args(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, q_out, threads) -> None:
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(
             f"rope_append: k_cache and v_cache must be (B, S, Hkv, hd) of one shape, "
@@ -162,7 +162,7 @@ def _check_rope_args(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, q_o
             raise ValueError(f"rope_append: {name} is {t.dtype}, qkv {qkv.dtype}")
     _check_devices("rope_append", qkv, positions=positions, cache_rows=cache_rows, inv_freq=inv_freq,
                    k_cache=k_cache, v_cache=v_cache, q_out=q_out)
-    _check_threads("rope_append", threads, ROPE_MAX_THREADS)
+    check_threads("rope_append", threads, ROPE_MAX_THREADS)
 
 
 def _rope_kernel_applies(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, q_out) -> bool:
@@ -213,7 +213,7 @@ def decode_attention(
     `decode_attention_ref` (same result up to fp32 summation order; the reference raises on an out-of-range
     cache row, which the kernel treats as L = 0).
     """
-    scale = _check_attention_args(q, k_cache, v_cache, cache_rows, lengths, out, scale, workspace, num_splits,
+    scale = check_attention_args(q, k_cache, v_cache, cache_rows, lengths, out, scale, workspace, num_splits,
                                   threads, keys_per_iter)
     if not _attention_kernel_applies(q, k_cache, v_cache, cache_rows, lengths, out, workspace):
         return decode_attention_ref(q, k_cache, v_cache, cache_rows, lengths, out, scale, workspace, num_splits,
@@ -254,7 +254,7 @@ def decode_attention(
         keys_per_iter or 0,
         dtype_code(q.dtype),
     )
-    _call(q.device, kernels_module().decode_attention, args)
+    call_kernel(q.device, kernels_module().decode_attention, args)
     return out
 
 
@@ -276,7 +276,7 @@ def decode_attention_ref(
     slots are zeroed before use, so whatever they hold cannot leak), one rounding to q's dtype. What the
     model's scaled_dot_product_attention computes, with fp32 intermediates. The launch arguments are only
     checked. Memory: two fp32 (N, S, Hkv, hd) gathers; for tests and fallbacks."""
-    scale = _check_attention_args(q, k_cache, v_cache, cache_rows, lengths, out, scale, workspace, num_splits,
+    scale = check_attention_args(q, k_cache, v_cache, cache_rows, lengths, out, scale, workspace, num_splits,
                                   threads, keys_per_iter)
     n, H, hd = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -342,7 +342,7 @@ def _sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _check_attention_args(q, k_cache, v_cache, cache_rows, lengths, out, scale, workspace, num_splits, threads,
+def check_attention_args(q, k_cache, v_cache, cache_rows, lengths, out, scale, workspace, num_splits, threads,
                           keys_per_iter) -> float:
     """Raises ValueError on bad arguments; returns the scale to use."""
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or min(k_cache.shape) < 1:
@@ -371,7 +371,7 @@ def _check_attention_args(q, k_cache, v_cache, cache_rows, lengths, out, scale, 
                                    or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"decode_attention: num_splits must be None or an int in [1, {MAX_SPLITS}], "
                          f"got {num_splits!r}")
-    _check_threads("decode_attention", threads, ATTENTION_MAX_THREADS)
+    check_threads("decode_attention", threads, ATTENTION_MAX_THREADS)
     most = max_keys_per_iter(q.shape[1], Hkv)
     if keys_per_iter is not None and (isinstance(keys_per_iter, bool) or keys_per_iter not in KEYS_PER_ITER
                                       or keys_per_iter > most):
@@ -418,14 +418,14 @@ def _check_devices(op: str, first: Tensor, **others: Tensor | None) -> None:
             raise ValueError(f"{op}: {name} is on {t.device}, the first input on {first.device}")
 
 
-def _check_threads(op: str, threads: int | None, max_threads: int) -> None:
+def check_threads(op: str, threads: int | None, max_threads: int) -> None:
     if threads is None:
         return
     if isinstance(threads, bool) or not isinstance(threads, int) or threads % 32 or not 32 <= threads <= max_threads:
         raise ValueError(f"{op}: threads must be None or a multiple of 32 in [32, {max_threads}], got {threads!r}")
 
 
-def _call(device: torch.device, fn, args: tuple) -> None:
+def call_kernel(device: torch.device, fn, args: tuple) -> None:
     """Launch on `device`'s current stream; arguments already checked."""
     index = device.index
     if index == torch.cuda.current_device():

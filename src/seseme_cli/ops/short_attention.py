@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module
-from seseme_cli.ops.attention import (ATTENTION_DTYPES, MAX_ROWS, _call, _check_attention_args, _check_rope_args, _check_threads,
-                        decode_attention_ref, rope_append_ref)
+from seseme_cli.ops.attention import (ATTENTION_DTYPES, MAX_ROWS, call_kernel, check_attention_args, check_rope_args,
+                                      check_threads, decode_attention_ref, rope_append_ref)
 
 Tensor = torch.Tensor
 
@@ -82,7 +82,7 @@ def rope_append_attention(
         threads or 0,
         dtype_code(qkv.dtype),
     )
-    _call(qkv.device, kernels_module().rope_append_attention, args)
+    call_kernel(qkv.device, kernels_module().rope_append_attention, args)
     return out
 
 
@@ -118,14 +118,14 @@ def short_attention_fits(heads: int, kv_heads: int, head_dim: int, cache_len: in
 def _check_short_args(qkv, positions, cache_rows, lengths, inv_freq, k_cache, v_cache, out, scale, heads_per_block,
                       threads) -> float:
     """Raises ValueError on bad arguments (those of rope_append and decode_attention); returns the scale."""
-    _check_rope_args(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, out, None)
-    scale = _check_attention_args(out, k_cache, v_cache, cache_rows, lengths, out, scale, None, None, None, None)
+    check_rope_args(qkv, positions, cache_rows, inv_freq, k_cache, v_cache, out, None)
+    scale = check_attention_args(out, k_cache, v_cache, cache_rows, lengths, out, scale, None, None, None, None)
     rep = out.shape[1] // k_cache.shape[2]
     if heads_per_block is not None and (isinstance(heads_per_block, bool) or not isinstance(heads_per_block, int)
                                         or heads_per_block < 1 or rep % heads_per_block):
         raise ValueError(f"rope_append_attention: heads_per_block must be None or divide {rep} "
                          f"(query heads per KV head), got {heads_per_block!r}")
-    _check_threads("rope_append_attention", threads, SHORT_MAX_THREADS)
+    check_threads("rope_append_attention", threads, SHORT_MAX_THREADS)
     return scale
 
 
