@@ -617,3 +617,36 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_mailbox_wakes_the_event_loop_once_per_burst_and_keeps_each_queues_order():
+    """Events posted from another thread while the event loop is busy arrive in order, per queue, after one
+    wake-up; a later burst gets its own."""
+    import asyncio
+
+    from seseme_cli.server.service import EventMailbox
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        mailbox = EventMailbox(loop)
+        schedule = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakeups.append(1), schedule(*a))  # count the wake-ups
+        queues = [asyncio.Queue() for _ in range(3)]
+
+        def burst(start):
+            for i in range(start, start + 300):
+                mailbox.post(queues[i % 3], i)
+
+        for start in (0, 300):
+            worker = threading.Thread(target=burst, args=(start,))
+            worker.start()
+            worker.join()  # the event loop is blocked meanwhile: the whole burst waits for one delivery
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        got = [[q.get_nowait() for _ in range(q.qsize())] for q in queues]
+        return got, len(wakeups)
+
+    got, wakeups = asyncio.run(scenario())
+    assert got == [list(range(k, 600, 3)) for k in range(3)]
+    assert wakeups == 2

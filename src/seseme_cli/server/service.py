@@ -3,8 +3,8 @@
 The engine thread loads the model, builds the engine (caches and CUDA graphs for max_batch rows), speaks one
 short warm-up request, and only then is the service ready; meanwhile the HTTP server is already up and /health
 answers 503. Then it runs `run_forever`. The HTTP side (asyncio) calls only `submit` (which `add_request`s with an
-`on_event` that hands each event to the request's asyncio queue through `call_soon_threadsafe`) and `abort`: it
-never touches the model or the GPU.
+`on_event` that posts each event for the request's asyncio queue to an EventMailbox) and `abort`: it never touches
+the model or the GPU.
 
 States: loading -> ready -> draining (SIGTERM: new requests get 503, in-flight ones finish) -> stopped; or
 failed (the model did not load, or the engine kept failing).
@@ -33,6 +33,36 @@ log = logging.getLogger("seseme")
 LOADING, READY, DRAINING, STOPPED, FAILED = "loading", "ready", "draining", "stopped", "failed"
 MAX_CONSECUTIVE_FAILURES = 3  # engine steps failing in a row before the service gives up (health turns 503)
 RATE_WINDOW_S = 10.0  # frames/s and real-time factor are measured over this much recent time
+
+
+class EventMailbox:
+    """Events from the engine's threads to asyncio queues, with one wake-up of the event loop per burst. An audio
+    round hands a piece to every request at once (512 at full load); one `call_soon_threadsafe` per piece is a
+    self-pipe write and a GIL hand-over each (512 of them took 2-4 ms on a 2-core machine), GIL time the engine
+    thread needs for its launches."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue, event) -> None:
+        """From any thread; never raises (a closed event loop has nobody listening)."""
+        self._items.append((queue, event))
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # the event loop: everything posted so far, in order
+        with self._lock:
+            self._scheduled = False  # what is posted from now on schedules the next delivery
+        while self._items:
+            queue, event = self._items.popleft()
+            queue.put_nowait(event)
 
 
 class RequestStream:
@@ -76,6 +106,7 @@ class SpeechService:
         self._inflight = 0
         self._streams: set[RequestStream] = set()
         self._failures = 0  # engine failures in a row
+        self._mailbox: EventMailbox | None = None  # made by the first submit, on the HTTP side's event loop
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()  # set once loading ended, well or not
@@ -189,13 +220,12 @@ class SpeechService:
         comes (the engine then reads its first frame without lag and decodes a small first chunk at once).
         Raises ApiError 503 (not ready) or 429 (queue full)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = EventMailbox(loop)
+        mailbox, queue = self._mailbox, asyncio.Queue()
 
         def forward(event) -> None:  # engine or audio thread: must never raise into them
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop is closed (the server is gone): nobody is listening
-                pass
+            mailbox.post(queue, event)
 
         with self._lock:
             self.check_open()
