@@ -37,6 +37,16 @@ def random_frames(k, n, seed):
     return np.random.default_rng(seed).integers(0, 2048, (k, n, K))
 
 
+def feed(audio, collect, kept, frames, rows, fresh):
+    """One round: note each work's kept frames, hand the round over, end the works that do not go on."""
+    for slot, work, n, _ in rows:
+        kept[work].append(frames[:n, slot])
+    audio.round(frames, rows, fresh)
+    for slot, work, n, goes_on in rows:
+        if not goes_on:
+            audio.end(work, collect.ender(work))
+
+
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")])
 
 
@@ -63,12 +73,7 @@ def test_rounds_give_each_request_its_one_shot_decode(row_frames_per_call, pcm, 
             frames[1, 0, 5] = 2050  # a special id in a kept frame of a: decoded as 0, counted
         if i == 1:
             frames[3, 1, 0] = 2049  # one in a frame b does not keep: neither counted nor decoded into b
-        for row, work, n, _ in rows:
-            kept[work].append(frames[:n, row])
-        audio.round(frames, rows, fresh)
-        for row, work, n, goes_on in rows:
-            if not goes_on:
-                audio.end(work, collect.ender(work))
+        feed(audio, collect, kept, frames, rows, fresh)
     audio.close()
     got = collect.ended
     for work, special in [(a, 1), (b, 0), (c, 0)]:
@@ -112,13 +117,7 @@ def test_rounds_of_different_slot_buckets_share_the_slots_state(device):
         (18, [(5, c, 2, False), (17, b, 3, False)], set()),  # a's slot is outside the round: ended, not fed
     ]
     for i, (width, rows, fresh) in enumerate(rounds):
-        frames = random_frames(3, width, seed=10 + i)
-        for slot, work, n, _ in rows:
-            kept[work].append(frames[:n, slot])
-        audio.round(frames, rows, fresh)
-        for slot, work, n, goes_on in rows:
-            if not goes_on:
-                audio.end(work, collect.ender(work))
+        feed(audio, collect, kept, random_frames(3, width, seed=10 + i), rows, fresh)
     audio.close()
     for work in (a, b, c):
         codes = torch.from_numpy(np.concatenate(kept[work]))

@@ -57,7 +57,7 @@ class AudioRounds:
 
     # --- rounds ------------------------------------------------------------------------------------------------
 
-    def pending(self, states) -> bool:
+    def pending(self, states) -> bool:  # states: any iterable
         return bool(self.endings) or any(s.audio for s in states)
 
     def round(self, active, force: bool, max_endings: int) -> None:

@@ -161,7 +161,7 @@ class SpeechEngine:
 
     def has_work(self) -> bool:
         return bool(self._arrivals or self._aborts or self.waiting or self.active_rows or self._inflight
-                    or (self.audio is not None and self.audio.pending([r for r in self.rows if r is not None])))
+                    or (self.audio is not None and self.audio.pending(r for r in self.rows if r is not None)))
 
     def step(self) -> StepOutput:
         """Advance every busy row by one frame (see the module docstring); returns what became known. If the
@@ -289,8 +289,8 @@ class SpeechEngine:
         self._admit_wait = 0
         budget = self.prefill_rows_per_step if len(free) < self.B else None  # None: nobody would wait for it
         rows = 0
-        has_slot = (lambda: True) if self.audio is None else (lambda: self.audio.has_free_slot)
-        while self.waiting and free and has_slot() and (budget is None or rows < budget):
+        while (self.waiting and free and (self.audio is None or self.audio.has_free_slot)
+               and (budget is None or rows < budget)):
             handle = self.waiting.popleft()
             try:
                 job = SpeechJob(handle.request, self.tts.encode_context(handle.request.context), self.prompts)

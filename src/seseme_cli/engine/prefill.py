@@ -178,15 +178,16 @@ class Prefill:
         all in its memory pool (they are replayed one at a time, and each keeps its output). The warm-ups write
         K/V into cache slot 0 of row 0: a row's own prefill rewrites its slots before it reads them, as after
         the frame graphs' warm-up."""
-        self.graphs, pool = {}, None
+        graphs, pool = {}, None
         for rows in sorted((r for r in GRAPH_ROWS if r <= self.chunk_rows), reverse=True):
-            self.graphs[rows] = graph = _PrefillGraph(self, rows, self.buf.h.device, pool)
+            graphs[rows] = graph = _PrefillGraph(self, rows, self.buf.h.device, pool)
             pool = graph.graph.pool()
+        self.graphs = dict(sorted(graphs.items()))  # smallest first: _graph_for takes the first that fits
 
     def _graph_for(self, prompts: Prompts):
         if not self.graphs or len(prompts.frames) != 1 or prompts.num_prefill == 0:
             return None
-        return next((g for rows, g in sorted(self.graphs.items()) if rows >= prompts.num_prefill), None)
+        return next((g for rows, g in self.graphs.items() if rows >= prompts.num_prefill), None)
 
 
 class _PrefillGraph:
