@@ -2,7 +2,10 @@
 (the frame step returns fixed codes, the prefill does nothing, the audio decoder hands each request zeros at
 once). What is left is the loop's Python per step: admission, reading the frame, audio rounds, handles' events;
 on a GPU it runs while the frame runs, and in the server it shares the GIL with the event loop.
-Usage: python scripts/loop_host_probe.py [B] [--profile]"""
+--staggered: a server's workload instead of one wave: requests of 1-10 s, each replaced by a new one when it
+ends, so rows are at every phase of their chunks; it also counts the audio events handed to listeners per step
+(in a server each is a wake-up of the HTTP side).
+Usage: python scripts/loop_host_probe.py [B] [--staggered] [--profile]"""
 import cProfile
 import pstats
 import sys
@@ -33,11 +36,29 @@ def instant_round(frames, rows, fresh):
 
 
 decoder.round, decoder.end, decoder.sync = instant_round, (lambda work, done: done(0)), (lambda: None)
-for i in range(B):  # listeners, long enough to stay busy through the timed steps
-    engine.add_request(SpeechRequest.make(f"Request {i} speaks for a while.", 0, max_audio_ms=40_000, seed=i),
-                       keep_audio=False, low_latency=True)
-for _ in range(20):  # admission and the first chunks
+staggered = "--staggered" in sys.argv
+rng = np.random.default_rng(0)
+events = {"audio": 0, "end": 0}
+
+
+def listener(event) -> None:
+    events[event[0]] += 1
+    if staggered and event[0] == "end":  # a new client takes the place of the one that is done
+        add()
+
+
+def add() -> None:
+    seconds = rng.uniform(1, 10) if staggered else 40
+    engine.add_request(SpeechRequest.make("A request speaks for a while.", 0, max_audio_ms=int(seconds * 1000),
+                                          seed=int(rng.integers(1 << 30))),
+                       on_event=listener, keep_audio=False, low_latency=True)
+
+
+for _ in range(B):
+    add()
+for _ in range(20 if not staggered else 300):  # admission and the first chunks (staggered: rows at every phase)
     engine.step()
+events.update(audio=0, end=0)
 profile = cProfile.Profile() if "--profile" in sys.argv else None
 start = time.perf_counter()
 if profile:
@@ -47,6 +68,7 @@ for _ in range(STEPS):
 if profile:
     profile.disable()
 seconds = (time.perf_counter() - start) / STEPS
-print(f"B = {B}: {seconds * 1e3:.2f} ms of host time per step, {engine.active_rows} rows busy")
+print(f"B = {B}{' staggered' if staggered else ''}: {seconds * 1e3:.2f} ms of host time per step, "
+      f"{engine.active_rows} rows busy, {events['audio'] / STEPS:.1f} audio events per step")
 if profile:
     pstats.Stats(profile).sort_stats("tottime").print_stats(12)

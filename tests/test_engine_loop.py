@@ -224,3 +224,29 @@ def test_a_listeners_audio_comes_in_chunks_that_grow_to_chunk_frames(tts):
         full = tts.codec.decode(codes.T).cpu()
         samples = torch.from_numpy(handle.audio())
         assert samples.shape == full.shape and (samples - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def test_listeners_at_different_phases_still_get_growing_chunks_and_their_own_audio(tts):
+    """Rounds take every request's new frames whenever some request is due; a listener that joins three frames
+    after another is due at other steps, so rounds come at nearly every step. What each listener is handed still
+    follows its own schedule, not one piece per round: a chunk goes once at least 1, 2, 4, 8, 8, ... frames are
+    decoded (a round may bring more), the rest at the end; and it is its own audio."""
+    engine = engine_for(tts, 2, decode_audio=True, chunk_frames=8)
+    early = engine.add_request(SpeechRequest.make("The first listener.", 0, max_audio_ms=2400, seed=5),
+                               low_latency=True)
+    for _ in range(3):
+        engine.step()
+    late = engine.add_request(SpeechRequest.make("The second listener.", 0, max_audio_ms=2000, seed=6),
+                              low_latency=True)
+    engine.drain()
+    engine.close()
+    frame = 1920
+    for handle in (early, late):
+        pieces = [len(p) // frame for p in handle.pieces]
+        due = [min(8, 2 ** i) for i in range(len(pieces))]
+        assert pieces[0] == 1 and all(n >= d for n, d in zip(pieces[:-1], due)), pieces
+        assert sum(pieces) == handle.frames >= 20 and len(pieces) <= handle.frames // 8 + 4, pieces
+        codes = handle.codes.masked_fill(handle.codes >= 2048, 0)
+        full = tts.codec.decode(codes.T).cpu()
+        samples = torch.from_numpy(handle.audio())
+        assert samples.shape == full.shape and (samples - full).abs().max() <= 1e-5 * full.abs().max()

@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 from seseme_cli.api import load_csm_1b_optimized
 from seseme_cli.cli import serve as serve_cli
+from seseme_cli.errors import InputError
 from seseme_cli.server.app import create_app
 from seseme_cli.server.http import make_server
 from seseme_cli.server.service import SpeechService
@@ -650,3 +651,9 @@ def test_the_mailbox_wakes_the_event_loop_once_per_burst_and_keeps_each_queues_o
     got, wakeups = asyncio.run(scenario())
     assert got == [list(range(k, 600, 3)) for k in range(3)]
     assert wakeups == 2
+
+
+def test_the_gil_switch_interval_is_a_checked_setting():
+    assert ServerSettings(switch_interval_ms=2).switch_interval_ms == 2
+    with pytest.raises(InputError, match="--switch-interval-ms"):
+        ServerSettings(switch_interval_ms=0)

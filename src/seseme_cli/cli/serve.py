@@ -74,6 +74,9 @@ def serve(
         envvar="SESEME_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/*.", show_default=False)] = None,
     drain_timeout: Annotated[float, typer.Option(
         help="On SIGTERM, seconds in-flight requests may take before they are aborted.")] = 60,
+    switch_interval_ms: Annotated[float, typer.Option(
+        help="Python's GIL switch interval while serving: how long the engine thread may wait for the GIL "
+             "the HTTP side holds (Python's default is 5).")] = 1.0,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level (debug, info, warning, error).")] = "info",
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = True,
     gpus: Annotated[Optional[str], typer.Option(
@@ -96,7 +99,8 @@ def serve(
             model=model, served_model_name=served_model_name, max_batch=max_batch, max_queue=max_queue,
             max_input_chars=max_input_chars, max_body_bytes=max_body_bytes, max_audio_ms=max_audio_ms,
             max_context_seconds=max_context_seconds, voices_dir=voices or default_voices_dir(),
-            openai_voices=openai_voices, api_key=api_key or None, drain_timeout_s=drain_timeout)
+            openai_voices=openai_voices, api_key=api_key or None, drain_timeout_s=drain_timeout,
+            switch_interval_ms=switch_interval_ms)
         if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise InputError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
         settings.device = _device(device)

@@ -8,6 +8,12 @@ cost is per frame decoded, for all slots in its bucket, so fewer rounds would sa
 chunks grow 1, 2, 4, ... up to `chunk_frames` frames: each arrives before the audio already sent has played out as
 long as the engine runs at least about twice real time (a fixed 8-frame chunk after a 1-frame start leaves a gap
 of ~7 frames' generation); a request nobody listens to goes in `chunk_frames` chunks.
+
+What a round decodes is handed to its request by the same schedule, not per round: under load the requests are at
+every phase of their chunks, some request is due at every step, and a round then takes one frame from each of
+them. Handed on per round, that is an event per request per step (512 per step at full load, each a wake-up of
+an HTTP response: tens of milliseconds of Python per step holding the GIL the engine needs,
+`scripts/loop_host_probe.py --staggered`); gathered to each request's chunk size, about one in eight.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import heapq
 import numpy as np
 
 from seseme_cli.audio.rows import RowAudio
+from seseme_cli.engine.handle import FINISHED
 
 CHUNK_FRAMES = 8  # a round's frames once a request's chunks have grown
 SYNC_FIRST_CHUNK_ROWS = 8  # busy rows up to which a listener's first chunk is decoded before the next frame
@@ -24,12 +31,13 @@ SYNC_FIRST_CHUNK_ROWS = 8  # busy rows up to which a listener's first chunk is d
 
 class AudioRounds:
     """`slots` decoder slots for the requests of an engine loop. A request's state (the loop's row state) carries
-    `slot`, `audio` (frames not yet handed to the decoder), `audio_started`, `audio_due` and `handle`."""
+    `slot`, `audio` (frames not yet handed to the decoder), `audio_started`, `audio_due` and `handle`; `start`
+    adds what the decoder thread keeps of it (`unsent` samples and `send_due`)."""
 
     def __init__(self, codec, slots: int, pcm16: bool, first_chunk_frames: int = 1, chunk_frames: int = CHUNK_FRAMES):
         self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
         self.decoder = RowAudio(codec, slots, self._on_piece, pcm16=pcm16)
-        self.K = codec.num_codebooks
+        self.K, self.frame_size = codec.num_codebooks, codec.frame_size
         self.free = list(range(slots))  # a heap
         self.endings: list[tuple] = []  # (state, status, error, exception): over, waiting for their last round
 
@@ -43,6 +51,9 @@ class AudioRounds:
         """A request starts: its slot, and the size of its first chunk."""
         state.slot = heapq.heappop(self.free)
         state.audio_due = self.first_chunk_frames if state.handle.low_latency else self.chunk_frames
+        # The decoder thread's side: decoded samples not handed on yet, and how many make the next chunk.
+        state.unsent, state.unsent_samples = [], 0
+        state.send_due = state.audio_due * self.frame_size
 
     def end(self, state, status: str, error: str | None, exception) -> None:
         """A request is over: its handle ends once its last frames are decoded."""
@@ -61,13 +72,12 @@ class AudioRounds:
         return bool(self.endings) or any(s.audio for s in states)
 
     def round(self, active, force: bool, max_endings: int) -> None:
-        """Hand the new frames of the `active` requests (and the ending ones) to the decoder if a round is due
-        (or `force`: the loop is idle). `max_endings`: this many ending requests make a round due."""
-        first = any(s.handle.low_latency and not s.audio_started and len(s.audio) >= self.first_chunk_frames
-                    for s in active)
-        due = any(len(s.audio) >= s.audio_due for s in active) or len(self.endings) >= max_endings
-        if not (force or first or due):
+        """Hand the new frames of the `active` requests (and the ending ones) to the decoder if a round is due:
+        `force` (the loop saw a request reach its `audio_due`, or it is idle) or `max_endings` ending requests."""
+        if not (force or len(self.endings) >= max_endings):
             return
+        first = len(active) <= SYNC_FIRST_CHUNK_ROWS and any(
+            s.handle.low_latency and not s.audio_started and len(s.audio) >= self.first_chunk_frames for s in active)
         ending = self.endings
         rows = [(state, True) for state in active] + [(ending[0], False) for ending in ending]
         k = max((len(state.audio) for state, _ in rows), default=0)
@@ -75,25 +85,30 @@ class AudioRounds:
             width = max(state.slot for state, _ in rows) + 1
             frames = np.zeros((k, width, self.K), dtype=np.int64)
             listed, fresh = [], set()
+            by_kept: dict[int, tuple[list, list]] = {}  # kept -> (slots, frames): one numpy copy per group
             for state, goes_on in rows:
                 kept = len(state.audio)
                 if kept:
-                    frames[:kept, state.slot] = np.stack(state.audio)
+                    slots, pieces = by_kept.setdefault(kept, ([], []))
+                    slots.append(state.slot)
+                    pieces.extend(state.audio)
                     if not state.audio_started:
                         fresh.add(state.slot)
                         state.audio_started = True
                     state.audio_due = min(self.chunk_frames, 2 * state.audio_due)
                 listed.append((state.slot, state, kept, goes_on))
                 state.audio = []
+            for kept, (slots, pieces) in by_kept.items():  # pieces: each slot's kept frames in turn
+                frames[:kept, slots] = np.stack(pieces).reshape(len(slots), kept, self.K).transpose(1, 0, 2)
             self.decoder.round(frames, listed, fresh)
-            if first and len(active) <= SYNC_FIRST_CHUNK_ROWS:
+            if first:
                 # A listener's first chunk: decode it with the GPU and the GIL to itself (the next frames would
                 # queue their kernels ahead of the decode's and hold the GIL for their launches). Costs the other
                 # rows one decode of every slot, once per listener: only worth it while few rows run (under load
                 # new listeners come every step, and the wait would stall every stream each time).
                 self.decoder.sync()
         for state, status, error, exception in ending:
-            self.decoder.end(state, _finisher(state, status, error, exception))
+            self.decoder.end(state, self._finisher(state, status, error, exception))
             heapq.heappush(self.free, state.slot)
         self.endings = []
 
@@ -112,15 +127,29 @@ class AudioRounds:
         self.decoder.items.put(None)
         self.decoder.thread.join()
 
+    # --- the decoder thread: a round's samples, gathered to each request's chunks -----------------------------
+
+    def _on_piece(self, state, samples: np.ndarray) -> None:
+        if state.handle.done:
+            return
+        state.unsent.append(samples)
+        state.unsent_samples += len(samples)
+        if state.unsent_samples >= state.send_due:
+            self._send(state)
+            state.send_due = min(self.chunk_frames * self.frame_size, 2 * state.send_due)
+
     @staticmethod
-    def _on_piece(state, samples: np.ndarray) -> None:
-        if not state.handle.done:
-            state.handle.deliver_audio(samples)
+    def _send(state) -> None:
+        pieces = state.unsent
+        state.unsent, state.unsent_samples = [], 0
+        state.handle.deliver_audio(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
 
+    def _finisher(self, state, status: str, error: str | None, exception):
+        def finish(special: int) -> None:
+            if state.unsent and status == FINISHED and not state.handle.done:  # the last, short chunk
+                self._send(state)
+            state.unsent = []  # a failed or aborted request's rest is wanted by nobody
+            state.handle.special = special
+            state.handle.deliver_end(status, error, exception)
 
-def _finisher(state, status: str, error: str | None, exception):
-    def finish(special: int) -> None:
-        state.handle.special = special
-        state.handle.deliver_end(status, error, exception)
-
-    return finish
+        return finish

@@ -9,7 +9,7 @@ go). One `step()`:
 3. runs one frame for every busy row (one CUDA graph replay on a GPU) and copies its codes to pinned host memory
    without waiting;
 4. reads the *previous* frame's codes (its copy finished while this frame ran: the host never waits for the frame
-   it just queued) and, per row: keeps the frame, or ends the generation at an all-zero frame (the original's
+   it just queued, unless a new listener waits for its first frame while few rows run) and, per row: keeps the frame, or ends the generation at an all-zero frame (the original's
    end of speech, dropped) or at the frame limit; a long text's next chunk starts at once in the same row with
    the spoken chunks as context; a finished request frees its row;
 5. now and then hands the new frames to the audio decoder (engine.audio_rounds: one decoder slot per request,
@@ -37,6 +37,7 @@ from seseme_cli.speech.prompt import PromptBuilder
 from seseme_cli.speech.request import SpeechRequest
 
 ADMIT_EVERY = 4  # steps a request nobody listens to may wait so that admissions share one prefill
+SYNC_FIRST_FRAME_ROWS = 64  # busy rows up to which a step waits for a new listener's first frame
 
 
 class QueueFull(SesemeError):
@@ -110,6 +111,7 @@ class SpeechEngine:
         self._events = [torch.cuda.Event() if pinned else None for _ in range(2)]
         self._inflight: collections.deque = collections.deque()  # (ring slot, n, [(row, state, generation)])
         self._launches = 0
+        self._audio_due = False  # some request has its next chunk's frames (set as frames are read)
         # Audio: one decoder slot per request being decoded. A few more slots than rows, so that a row whose
         # request ended can take the next one before the old request's last frames are decoded.
         self.audio = None
@@ -194,8 +196,11 @@ class SpeechEngine:
         busy = [r for r in range(self.B) if self.rows[r] is not None]
         if busy:
             self._launch(busy)
-        # A listener waiting for its first frame gets it now, not one frame later (time to first audio).
-        waiting_first = any(self.rows[r].handle.low_latency and self.rows[r].handle.frames == 0 for r in busy)
+        # A listener waiting for its first frame gets it now, not one frame later (time to first audio), while few
+        # rows run: the wait leaves the GPU idle during this step's host work, and under load a new listener
+        # arrives nearly every step, so waiting would cost every stream that much at every step.
+        waiting_first = len(busy) <= SYNC_FIRST_FRAME_ROWS and any(
+            self.rows[r].handle.low_latency and self.rows[r].handle.frames == 0 for r in busy)
         while self._inflight and (len(self._inflight) > 1 or not busy or waiting_first):
             self._process(self._inflight.popleft(), out)
         idle = not any(self.rows) and not self._inflight
@@ -345,24 +350,28 @@ class SpeechEngine:
         if self._pinned:
             self._events[ring].synchronize()
         frames = self._host[ring][:n].numpy().copy()
-        eos = (frames == 0).all(axis=1)
+        eos = (frames == 0).all(axis=1).tolist()  # lists: indexing numpy per row is what a 512-row step costs
+        rows, kept, audio = list(frames), 0, self.audio is not None
         for row, state, generation in snapshot:
             if self.rows[row] is not state or state.generation != generation:
                 continue  # the lagged frame of a generation that already ended
             if eos[row]:
                 self._end_generation(row, state, out)
                 continue
-            frame = frames[row]
+            frame, handle = rows[row], state.handle
             state.pieces.append(frame)
-            if not state.handle.frames:
-                state.handle.first_frame = time.perf_counter()
-            state.handle.frames += 1
-            self.stats.frames += 1
-            if self.audio is not None:
+            if not handle.frames:
+                handle.first_frame = time.perf_counter()
+            handle.frames += 1
+            kept += 1
+            if audio:
                 state.audio.append(frame)
-            out.frames.setdefault(state.handle, []).append(frame)
+                if len(state.audio) >= state.audio_due:
+                    self._audio_due = True
+            out.frames.setdefault(handle, []).append(frame)
             if len(state.pieces) >= state.limit:
                 self._end_generation(row, state, out)
+        self.stats.frames += kept
 
     def _end_generation(self, row: int, state: _Row, out: StepOutput) -> None:
         job, handle = state.job, state.handle
@@ -400,7 +409,8 @@ class SpeechEngine:
 
     def _audio_round(self, force: bool) -> None:
         if self.audio is not None:
-            self.audio.round([r for r in self.rows if r is not None], force, max_endings=self.B)
+            due, self._audio_due = self._audio_due, False
+            self.audio.round([r for r in self.rows if r is not None], force or due, max_endings=self.B)
 
     def set_chunking(self, first_chunk_frames: int, chunk_frames: int) -> None:
         """Listeners' first chunk and the chunk size the chunks grow to, in frames (see engine.audio_rounds)."""

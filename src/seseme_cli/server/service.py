@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import sys
 import threading
 import time
 
@@ -116,6 +117,7 @@ class SpeechService:
     # --- life cycle --------------------------------------------------------------------------------------------
 
     def start(self) -> "SpeechService":
+        sys.setswitchinterval(self.settings.switch_interval_ms / 1000)  # ServerSettings says why
         self._thread.start()
         return self
 

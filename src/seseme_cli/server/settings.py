@@ -42,6 +42,10 @@ class ServerSettings:
     retry_after_s: int = 1  # Retry-After of a 429 (queue full)
     unavailable_retry_after_s: int = 5  # Retry-After of a 503 (loading, draining)
     warm_up: bool = True  # speak one short request before /health says ready
+    # Python's GIL switch interval while serving (sys.setswitchinterval). The engine thread lets go of the GIL at
+    # every CUDA launch and sync; when the HTTP side holds it then, the engine waits for the interval (Python's
+    # default: 5 ms) before it can ask for it back: many times per step at hundreds of streams.
+    switch_interval_ms: float = 1.0
     aliases: tuple[str, ...] = field(default=OPENAI_MODEL_NAMES)
 
     def __post_init__(self):
@@ -49,6 +53,8 @@ class ServerSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_context_turns" else 1):
                 raise InputError(f"--{name.replace('_', '-')} must be a positive whole number, got {value!r}")
+        if not 0.05 <= self.switch_interval_ms <= 100:
+            raise InputError(f"--switch-interval-ms must be between 0.05 and 100, got {self.switch_interval_ms}")
         if not self.max_audio_ms >= FRAME_MS:
             raise InputError(f"--max-audio-ms must be at least {FRAME_MS}, got {self.max_audio_ms}")
         if not self.served_model_name.strip():
