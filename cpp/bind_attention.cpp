@@ -1,15 +1,19 @@
 // Bindings of the attention family: RoPE + KV-cache append (cuda/rope.cu), decode attention over the
-// static KV cache (cuda/attention.cu) and both in one kernel for short caches (cuda/rope_append_attention.cu).
+// static KV cache (cuda/attention.cu), both in one kernel for short caches (cuda/rope_append_attention.cu), and
+// Mimi's few-query attention under a boolean mask (cuda/masked_attention.cu).
 // Checks only; the Python side (seseme_cli.ops.attention) has already
 // matched shapes, dtypes and devices of the tensors behind these pointers.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <string>
 
 #include "../cuda/attention.cuh"
+#include "../cuda/masked_attention.cuh"
 #include "../cuda/rope.cuh"
 #include "../cuda/rope_append_attention.cuh"
 #include "check.h"
@@ -170,6 +174,49 @@ void rope_append_attention(uintptr_t out, uintptr_t k_cache, uintptr_t v_cache, 
 #endif
 }
 
+void masked_attention(uintptr_t out, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, int64_t batch,
+                      int64_t heads, int64_t queries, int64_t keys, int64_t head_dim, std::array<int64_t, 3> out_strides,
+                      std::array<int64_t, 3> q_strides, std::array<int64_t, 3> k_strides,
+                      std::array<int64_t, 3> v_strides, std::array<int64_t, 4> mask_strides, double scale,
+                      uintptr_t stream) {
+    check(batch >= 0 && heads >= 1 && batch * heads <= std::numeric_limits<int32_t>::max(),
+          "masked_attention: batch x heads must be in [0, 2^31), got " + std::to_string(batch) + " x " +
+              std::to_string(heads));
+    check(queries >= 1 && queries <= kMaskedAttnMaxQueries,
+          "masked_attention: queries must be in [1, " + std::to_string(kMaskedAttnMaxQueries) + "], got " +
+              std::to_string(queries));
+    check(keys >= 1 && keys <= kMaskedAttnMaxKeys,
+          "masked_attention: keys must be in [1, " + std::to_string(kMaskedAttnMaxKeys) + "], got " +
+              std::to_string(keys));
+    check(head_dim == 32 || head_dim == 64 || head_dim == 128,
+          "masked_attention: head_dim must be 32, 64 or 128, got " + std::to_string(head_dim));
+    check(std::isfinite(scale), "masked_attention: scale must be finite");
+    check(out != 0 && q != 0 && k != 0 && v != 0 && mask != 0,
+          "masked_attention: all pointers must be non-null device pointers");
+    for (const auto* strides : {&out_strides, &q_strides, &k_strides, &v_strides})
+        for (int64_t s : *strides) check(s % 4 == 0, "masked_attention: q, k, v and out strides must be multiples of 4");
+    check_ptr("out", out, 16);
+    check_ptr("q", q, 16);
+    check_ptr("k", k, 16);
+    check_ptr("v", v, 16);
+#if !SESEME_WITH_CUDA
+    no_cuda();
+#else
+    MaskedAttentionArgs a{reinterpret_cast<float*>(out), reinterpret_cast<const float*>(q),
+                          reinterpret_cast<const float*>(k), reinterpret_cast<const float*>(v),
+                          reinterpret_cast<const bool*>(mask), batch, heads, queries, keys, head_dim,
+                          {}, {}, {}, {}, {}, (float)scale};
+    for (int i = 0; i < 3; i++) {
+        a.out_s[i] = out_strides[i];
+        a.q_s[i] = q_strides[i];
+        a.k_s[i] = k_strides[i];
+        a.v_s[i] = v_strides[i];
+    }
+    for (int i = 0; i < 4; i++) a.mask_s[i] = mask_strides[i];
+    check_launch("masked_attention", launch_masked_attention(a, stream));
+#endif
+}
+
 }  // namespace
 
 void bind_attention(py::module_& m) {
@@ -208,4 +255,13 @@ void bind_attention(py::module_& m) {
           "rope_append then decode_attention in one kernel, for caches of at most short_attention_max_len slots "
           "and rows with distinct cache rows. heads_per_block / threads 0 for the defaults. Asynchronous on "
           "`stream`.");
+    m.attr("masked_attention_max_queries") = kMaskedAttnMaxQueries;
+    m.attr("masked_attention_max_keys") = kMaskedAttnMaxKeys;
+    m.def("masked_attention", &masked_attention, py::arg("out"), py::arg("q"), py::arg("k"), py::arg("v"),
+          py::arg("mask"), py::arg("batch"), py::arg("heads"), py::arg("queries"), py::arg("keys"),
+          py::arg("head_dim"), py::arg("out_strides"), py::arg("q_strides"), py::arg("k_strides"),
+          py::arg("v_strides"), py::arg("mask_strides"), py::arg("scale"), py::arg("stream"),
+          "fp32 attention of (batch, heads, queries, head_dim) q over (batch, heads, keys, head_dim) k, v where the "
+          "bool mask (strides of b, h, t, c; 0 to broadcast) is true; a query with no key gets zeros. Strides in "
+          "elements, the head dim contiguous. Asynchronous on `stream`.");
 }

@@ -3,7 +3,7 @@ decoder (audio.rows.streaming_decoder: CUDA graphs, TF32 matmuls), for an engine
 CUDA events around 12 replays after a warm-up, on the decoder's own stream.
 --cudnn-benchmark: let cuDNN time its convolution algorithms at capture (torch.backends.cudnn.benchmark).
 --profile: the CUDA kernels of 3 graphed frames of all slots, by total time (torch.profiler; CUPTI sees the
-kernels inside a graph).
+kernels inside a graph). SESEME_MIMI_ATTENTION=torch: Mimi's attention on PyTorch's kernel (audio.mimi_attention).
 Usage: python scripts/mimi_probe.py [slots] [--cudnn-benchmark] [--profile]   (576: a 512-row engine's slots)"""
 import sys
 
@@ -21,7 +21,8 @@ torch.manual_seed(0)
 codes = torch.randint(0, codec.cardinality, (slots, K, frames), device="cuda")
 
 with streaming_decoder(codec, slots, 1) as (decode, graphed):
-    print(f"slots {slots}: graphed {graphed}; cudnn.benchmark {torch.backends.cudnn.benchmark}; "
+    print(f"slots {slots}: graphed {graphed}; attention on ops.masked_attention "
+          f"{getattr(decode, 'kernel_attention', False)}; cudnn.benchmark {torch.backends.cudnn.benchmark}; "
           f"buckets {slot_buckets(slots)}", flush=True)
     stream = torch.cuda.current_stream()
     for m in slot_buckets(slots):

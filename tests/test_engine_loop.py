@@ -204,8 +204,8 @@ def test_a_burst_of_arrivals_is_admitted_over_several_steps_while_rows_generate(
 
 
 def test_a_listeners_audio_comes_in_chunks_that_grow_to_chunk_frames(tts):
-    """A listener's (low_latency) audio pieces are 1, 2, 4, 8, 8, ... frames while it runs alone (each chunk is
-    twice the audio already sent, so it can arrive before that has played out); a request nobody listens to gets
+    """A listener's (low_latency) audio pieces are 1, 1, 2, 4, 8, 8, ... frames while it runs alone (each chunk is
+    as long as the audio already sent, so it can arrive before that has played out); a request nobody listens to gets
     8-frame pieces. Either way the audio equals a one-shot decode of the codes."""
     engine = engine_for(tts, 2, decode_audio=True, chunk_frames=8)
     request = SpeechRequest.make("A listener waits for the first audio.", 0, max_audio_ms=2400, seed=5)
@@ -215,7 +215,7 @@ def test_a_listeners_audio_comes_in_chunks_that_grow_to_chunk_frames(tts):
     engine.drain()
     engine.close()
     frame = 1920
-    for handle, sizes in ((listener, [1, 2, 4, 8]), (background, [8, 8])):
+    for handle, sizes in ((listener, [1, 1, 2, 4, 8]), (background, [8, 8])):
         pieces = [len(p) // frame for p in handle.pieces]
         assert handle.frames >= 16, handle.frames  # long enough to see the schedule
         assert pieces[: len(sizes)] == sizes, pieces
@@ -229,8 +229,9 @@ def test_a_listeners_audio_comes_in_chunks_that_grow_to_chunk_frames(tts):
 def test_listeners_at_different_phases_still_get_growing_chunks_and_their_own_audio(tts):
     """Rounds take every request's new frames whenever some request is due; a listener that joins three frames
     after another is due at other steps, so rounds come at nearly every step. What each listener is handed still
-    follows its own schedule, not one piece per round: a chunk goes once at least 1, 2, 4, 8, 8, ... frames are
-    decoded (a round may bring more), the rest at the end; and it is its own audio."""
+    follows its own schedule, not one piece per round: a chunk goes once at least 1, 1, 2, 4, 8, 8, ... frames
+    are decoded (as many as were sent before it; a round may bring more), the rest at the end; and it is its own
+    audio."""
     engine = engine_for(tts, 2, decode_audio=True, chunk_frames=8)
     early = engine.add_request(SpeechRequest.make("The first listener.", 0, max_audio_ms=2400, seed=5),
                                low_latency=True)
@@ -243,8 +244,8 @@ def test_listeners_at_different_phases_still_get_growing_chunks_and_their_own_au
     frame = 1920
     for handle in (early, late):
         pieces = [len(p) // frame for p in handle.pieces]
-        due = [min(8, 2 ** i) for i in range(len(pieces))]
-        assert pieces[0] == 1 and all(n >= d for n, d in zip(pieces[:-1], due)), pieces
+        sent = np.cumsum([0, *pieces])
+        assert pieces[0] == 1 and all(n >= min(8, sent[i]) for i, n in enumerate(pieces[:-1]) if i), pieces
         assert sum(pieces) == handle.frames >= 20 and len(pieces) <= handle.frames // 8 + 4, pieces
         codes = handle.codes.masked_fill(handle.codes >= 2048, 0)
         full = tts.codec.decode(codes.T).cpu()

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 from seseme_cli.audio.files import pcm16_on_device
+from seseme_cli.audio.mimi_attention import MimiAttention
+from seseme_cli.audio.mimi_attention import wanted as mimi_attention_wanted
 
 log = logging.getLogger("seseme")
 
@@ -229,7 +231,8 @@ def streaming_decoder(codec, slots: int, frames_per_call: int):
     """(decode, graphed): decode(codes (m, K, f) long on the device with m one of slot_buckets(slots), reset
     (slots,) bool or None, run (m,) bool or None) -> audio (m, f * frame_size) on the device, on a copy of the
     codec's model streaming `slots` slots; valid in the calling thread while the context is open. graphed: the
-    one-frame decodes are CUDA graphs."""
+    one-frame decodes are CUDA graphs (then decode.kernel_attention says whether their attention is
+    ops.masked_attention's kernel)."""
     from moshi.utils.compile import no_compile
 
     model = _sharing_weights(codec.model)
@@ -275,6 +278,8 @@ def streaming_decoder(codec, slots: int, frames_per_call: int):
                 return decode(codes, reset, run)
             return graphed.decode(codes, reset, run)
 
+        decode_graphed.kernel_attention = graphed.kernel_attention
+
         yield decode_graphed, True
 
 
@@ -293,10 +298,12 @@ class _GraphedDecode:
         self.run = torch.ones(slots, dtype=torch.bool, device=device)
         self.reset_mask = torch.zeros(slots, dtype=torch.bool, device=device)
         self.frames, self.audio, self.reset = {}, {}, torch.cuda.CUDAGraph()
+        # Mimi's attention on our kernel inside the graphs (audio.mimi_attention); eager decodes keep PyTorch's.
+        attention = MimiAttention() if mimi_attention_wanted() else contextlib.nullcontext()
         pool = None
         for m in reversed(buckets):  # the largest first: the others' activations fit in its memory pool
             graph = torch.cuda.CUDAGraph()
-            with _installed(sliced[m]), _tf32_matmuls():
+            with _installed(sliced[m]), _tf32_matmuls(), attention:
                 model.decode(self.codes[:m])  # warm-up at this shape (cuDNN picks its algorithms outside capture)
                 # thread_local: the engine thread launches its own graphs meanwhile
                 with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
@@ -306,6 +313,7 @@ class _GraphedDecode:
                     for state in states:
                         state.exec_mask.fill_(True)
             self.frames[m], pool = graph, graph.pool()
+        self.kernel_attention = getattr(attention, "calls", 0) > 0  # Mimi's attention runs on ops.masked_attention
         with torch.cuda.graph(self.reset, pool=pool, stream=stream, capture_error_mode="thread_local"):
             model.reset_streaming(self.reset_mask)
 

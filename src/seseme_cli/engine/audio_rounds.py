@@ -5,9 +5,11 @@ Each request being decoded holds one slot of the audio decoder (audio.rows.RowAu
 thread), the lowest free one (a heap: a round decodes the slots up to the highest one in use). A round goes when
 some request has enough new frames for its next chunk; every round takes every request's new frames (a round's
 cost is per frame decoded, for all slots in its bucket, so fewer rounds would save nothing on the GPU). A listener's
-chunks grow 1, 2, 4, ... up to `chunk_frames` frames: each arrives before the audio already sent has played out as
-long as the engine runs at least about twice real time (a fixed 8-frame chunk after a 1-frame start leaves a gap
-of ~7 frames' generation); a request nobody listens to goes in `chunk_frames` chunks.
+first chunk is `first_chunk_frames`; each later one is as long as all the audio sent before it, up to `chunk_frames`
+(1, 1, 2, 4, 8, 8, ...): it then arrives before the audio already sent has played out as long as a frame takes less
+than its 80 ms to generate, give or take a decode (doubling after the first frame, 1, 2, 4, needs twice real
+time: at 256 streams half of them stalled on their second chunk, BENCHMARKS.md run 15; a fixed 8-frame chunk
+after a 1-frame start needs ~8x). A request nobody listens to goes in `chunk_frames` chunks.
 
 What a round decodes is handed to its request by the same schedule, not per round: under load the requests are at
 every phase of their chunks, some request is due at every step, and a round then takes one frame from each of
@@ -32,7 +34,7 @@ SYNC_FIRST_CHUNK_ROWS = 8  # busy rows up to which a listener's first chunk is d
 class AudioRounds:
     """`slots` decoder slots for the requests of an engine loop. A request's state (the loop's row state) carries
     `slot`, `audio` (frames not yet handed to the decoder), `audio_started`, `audio_due` and `handle`; `start`
-    adds what the decoder thread keeps of it (`unsent` samples and `send_due`)."""
+    adds `audio_taken` and what the decoder thread keeps of it (`unsent` samples, `sent_samples`, `send_due`)."""
 
     def __init__(self, codec, slots: int, pcm16: bool, first_chunk_frames: int = 1, chunk_frames: int = CHUNK_FRAMES):
         self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
@@ -52,7 +54,8 @@ class AudioRounds:
         state.slot = heapq.heappop(self.free)
         state.audio_due = self.first_chunk_frames if state.handle.low_latency else self.chunk_frames
         # The decoder thread's side: decoded samples not handed on yet, and how many make the next chunk.
-        state.unsent, state.unsent_samples = [], 0
+        state.audio_taken = 0  # frames handed to the decoder so far
+        state.unsent, state.unsent_samples, state.sent_samples = [], 0, 0
         state.send_due = state.audio_due * self.frame_size
 
     def end(self, state, status: str, error: str | None, exception) -> None:
@@ -95,7 +98,8 @@ class AudioRounds:
                     if not state.audio_started:
                         fresh.add(state.slot)
                         state.audio_started = True
-                    state.audio_due = min(self.chunk_frames, 2 * state.audio_due)
+                    state.audio_taken += kept
+                    state.audio_due = min(self.chunk_frames, max(state.audio_due, state.audio_taken))
                 listed.append((state.slot, state, kept, goes_on))
                 state.audio = []
             for kept, (slots, pieces) in by_kept.items():  # pieces: each slot's kept frames in turn
@@ -136,11 +140,12 @@ class AudioRounds:
         state.unsent_samples += len(samples)
         if state.unsent_samples >= state.send_due:
             self._send(state)
-            state.send_due = min(self.chunk_frames * self.frame_size, 2 * state.send_due)
+            state.send_due = min(self.chunk_frames * self.frame_size, max(state.send_due, state.sent_samples))
 
     @staticmethod
     def _send(state) -> None:
         pieces = state.unsent
+        state.sent_samples += state.unsent_samples
         state.unsent, state.unsent_samples = [], 0
         state.handle.deliver_audio(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
 

@@ -13,7 +13,7 @@ go). One `step()`:
    end of speech, dropped) or at the frame limit; a long text's next chunk starts at once in the same row with
    the spoken chunks as context; a finished request frees its row;
 5. now and then hands the new frames to the audio decoder (engine.audio_rounds: one decoder slot per request,
-   rounds when some request has enough frames for its next chunk; a listener's chunks grow 1, 2, 4, ... frames).
+   rounds when some request has enough frames for its next chunk; a listener's chunks grow 1, 1, 2, 4, ... frames).
 A row that ended runs one frame more (the one already queued); its codes are ignored. Idle rows inside the batch
 bucket run too; they are re-parked on a one-frame prompt before they could pass the end of their KV cache.
 """
