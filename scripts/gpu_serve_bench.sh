@@ -14,7 +14,7 @@ seseme serve --model random --port 8011 --max-batch 512 --max-queue 2048 --no-ac
 server=$!
 python3 scripts/load_test.py --url http://127.0.0.1:8011 --concurrency "$levels" --seconds "$seconds" \
   --json "$OUT/serve_load$tag.json" 2>&1 | tail -25
-curl -s http://127.0.0.1:8011/metrics | grep -E "^seseme_" | head -30 > "$OUT/serve_metrics$tag.txt"
+curl -s http://127.0.0.1:8011/metrics | grep -E "^seseme_" > "$OUT/serve_metrics$tag.txt"
 kill -TERM "$server"
 wait "$server"
 echo "seseme serve exited with $? after SIGTERM"

@@ -159,6 +159,16 @@ def test_metrics_are_prometheus_text(server):
     assert server.metric("seseme_max_batch") == MAX_BATCH
 
 
+def test_metrics_count_the_engines_steps(server):
+    before = server.metric("seseme_engine_step_seconds_count")
+    r = server.post({"input": "Count my steps.", "response_format": "pcm", "max_audio_ms": 400, "seed": 3})
+    assert r.status_code == 200
+    steps = server.metric("seseme_engine_step_seconds_count")
+    assert steps >= before + 5  # 5 frames at least, one step each
+    assert server.metric("seseme_engine_step_seconds_bucket", le="+Inf") == steps
+    assert server.metric("seseme_engine_step_seconds_sum") > 0
+
+
 # --- formats ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["pcm", "wav", "mp3", "opus", "flac"])

@@ -56,6 +56,7 @@ class StepOutput:
 class Stats:
     frames: int = 0  # useful frames generated
     steps: int = 0
+    last_step_s: float = 0.0  # host time of the last step() (with the lagged read, about one frame's GPU time)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -168,9 +169,12 @@ class SpeechEngine:
     def step(self) -> StepOutput:
         """Advance every busy row by one frame (see the module docstring); returns what became known. If the
         step fails (a bug, the GPU out of memory), every request still in the engine fails with it."""
+        start = time.perf_counter()
         try:
             with torch.inference_mode():
-                return self._step()
+                out = self._step()
+            self.stats.last_step_s = time.perf_counter() - start
+            return out
         except BaseException as e:
             self.fail_all(f"the engine failed: {type(e).__name__}: {e}")
             raise

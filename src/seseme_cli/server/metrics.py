@@ -2,13 +2,14 @@
 
 Counted by the HTTP side as requests end: requests by how they ended, time to first audio, queue wait, request
 duration. Read from the service at scrape time: active rows, queue depth, frames generated, frames/s and the
-real-time factor over the last seconds; with several engine replicas also per replica (label `replica`).
+real-time factor over the last seconds, the engine's step times; with several engine replicas also per replica
+(label `replica`).
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from seseme_cli.speech.request import FRAME_MS
 
@@ -54,6 +55,12 @@ class _ServiceCollector:
         yield CounterMetricFamily("seseme_audio_seconds", "seconds of audio generated", value=s.frames * FRAME_MS / 1000)
         yield CounterMetricFamily("seseme_engine_failures", "engine steps that failed (their requests failed)",
                                   value=s.engine_failures)
+        steps = getattr(s, "step_times", None)  # one engine in this process (replicas report no steps)
+        if steps is not None:
+            buckets = steps.cumulative()
+            yield HistogramMetricFamily("seseme_engine_step_seconds", "engine steps (one frame for every busy row) "
+                                        "by host time; every stream gets 80 ms of audio per step",
+                                        buckets=buckets, sum_value=steps.total)
         replicas = s.replica_stats()
         if replicas:  # several engine replicas (seseme serve --gpus N): the same numbers per replica
             for name, doc, key, kind in REPLICA_SERIES:

@@ -13,8 +13,10 @@ failed (the model did not load, or the engine kept failing).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
+import itertools
 import logging
 import sys
 import threading
@@ -66,6 +68,26 @@ class EventMailbox:
             queue.put_nowait(event)
 
 
+class StepTimes:
+    """A histogram of the engine's step times, counted by the engine thread and read at scrape time (/metrics):
+    every stream gets one frame (80 ms of audio) per step, so steps near 80 ms mean streams about to stall."""
+
+    BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
+
+    def __init__(self):
+        self.counts = [0] * (len(self.BUCKETS) + 1)  # the last: above every bucket
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, count at or below it) per bucket, ending with +Inf, as Prometheus histograms count."""
+        sums = list(itertools.accumulate(list(self.counts)))
+        return [(repr(le), n) for le, n in zip(self.BUCKETS, sums)] + [("+Inf", sums[-1])]
+
+
 class RequestStream:
     """One request's events as the HTTP side sees them: `await next()` -> ("audio", int16 samples) ...
     ("end", status); `abort()`; `close()` when the response is over (aborts the request if it still runs)."""
@@ -112,6 +134,7 @@ class SpeechService:
         self._stop = threading.Event()
         self._ready = threading.Event()  # set once loading ended, well or not
         self._rate = collections.deque(maxlen=64)  # (time, frames) samples for frames/s
+        self.step_times = StepTimes()
         self._thread = threading.Thread(target=self._run, name="seseme-engine", daemon=True)
 
     # --- life cycle --------------------------------------------------------------------------------------------
@@ -208,6 +231,7 @@ class SpeechService:
 
     def _on_step(self, out) -> None:
         self._failures = 0
+        self.step_times.observe(self.engine.stats.last_step_s)
         self._sample_frames()
 
     def _sample_frames(self) -> None:
