@@ -9,9 +9,10 @@ go). One `step()`:
 3. runs one frame for every busy row (one CUDA graph replay on a GPU) and copies its codes to pinned host memory
    without waiting;
 4. reads the *previous* frame's codes (its copy finished while this frame ran: the host never waits for the frame
-   it just queued, unless a new listener waits for its first frame while few rows run) and, per row: keeps the frame, or ends the generation at an all-zero frame (the original's
-   end of speech, dropped) or at the frame limit; a long text's next chunk starts at once in the same row with
-   the spoken chunks as context; a finished request frees its row;
+   it just queued, unless a new listener waits for its first frame while few rows run) and, per row: keeps the
+   frame, or ends the generation at an all-zero frame (the original's end of speech, dropped) or at the frame limit;
+   a long text's next chunk starts at once in the same row with the spoken chunks as context; a finished request
+   frees its row;
 5. now and then hands the new frames to the audio decoder (engine.audio_rounds: one decoder slot per request,
    rounds when some request has enough frames for its next chunk; a listener's chunks grow 1, 1, 2, 4, ... frames).
 A row that ended runs one frame more (the one already queued); its codes are ignored. Idle rows inside the batch
