@@ -45,11 +45,9 @@ class MimiAttention(TorchFunctionMode):
         if attn_mask is None or attn_mask.dtype != torch.bool or dropout_p or is_causal or enable_gqa:
             return None
         try:
-            B, H, T, _, D = check_masked_attention_args(query, key, value, attn_mask, None)
+            check_masked_attention_args(query, key, value, attn_mask, None)
         except ValueError:
             return None
-        # (B, T, H, D) memory seen as (B, H, T, D): moshi's next step, "b h t d -> b t (h d)", is then a view.
-        out = torch.empty(B, T, H, D, dtype=query.dtype, device=query.device).transpose(1, 2)
-        if not masked_attention_applies(query, key, value, attn_mask, out):
+        if not masked_attention_applies(query, key, value, attn_mask):
             return None
-        return masked_attention(query, key, value, attn_mask, scale, out=out)
+        return masked_attention(query, key, value, attn_mask, scale)  # laid out so moshi's rearrange is a view

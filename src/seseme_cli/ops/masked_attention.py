@@ -86,12 +86,12 @@ def check_masked_attention_args(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, o
     return B, H, T, C, D
 
 
-def masked_attention_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor) -> bool:
-    """Whether the kernel takes these (checked) arguments."""
+def masked_attention_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor | None = None) -> bool:
+    """Whether the kernel takes these (checked) arguments; out None: the op's own output (always fits)."""
     B, H, T, D = q.shape
     C = k.shape[2]
-    tensors = (q, k, v, out)
-    return (has_cuda_kernels() and q.is_cuda and all(t.device == q.device for t in (k, v, mask, out))
+    tensors = (q, k, v) if out is None else (q, k, v, out)
+    return (has_cuda_kernels() and q.is_cuda and all(t.device == q.device for t in (*tensors, mask))
             and q.dtype == torch.float32 and D in HEAD_DIMS and 1 <= T <= MAX_QUERIES and 1 <= C <= MAX_KEYS
             and B * H >= 1 and all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
                                    and all(s % 4 == 0 for s in t.stride()[:3]) for t in tensors)

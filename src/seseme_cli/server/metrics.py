@@ -9,7 +9,7 @@ real-time factor over the last seconds, the engine's step times; with several en
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from seseme_cli.speech.request import FRAME_MS
 
@@ -57,10 +57,7 @@ class _ServiceCollector:
                                   value=s.engine_failures)
         steps = getattr(s, "step_times", None)  # one engine in this process (replicas report no steps)
         if steps is not None:
-            buckets = steps.cumulative()
-            yield HistogramMetricFamily("seseme_engine_step_seconds", "engine steps (one frame for every busy row) "
-                                        "by host time; every stream gets 80 ms of audio per step",
-                                        buckets=buckets, sum_value=steps.total)
+            yield from steps.collect()
         replicas = s.replica_stats()
         if replicas:  # several engine replicas (seseme serve --gpus N): the same numbers per replica
             for name, doc, key, kind in REPLICA_SERIES:

@@ -13,16 +13,15 @@ failed (the model did not load, or the engine kept failing).
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import contextlib
-import itertools
 import logging
 import sys
 import threading
 import time
 
 import torch
+from prometheus_client import Histogram
 
 from seseme_cli.engine.loop import QueueFull
 from seseme_cli.errors import SesemeError
@@ -36,13 +35,14 @@ log = logging.getLogger("seseme")
 LOADING, READY, DRAINING, STOPPED, FAILED = "loading", "ready", "draining", "stopped", "failed"
 MAX_CONSECUTIVE_FAILURES = 3  # engine steps failing in a row before the service gives up (health turns 503)
 RATE_WINDOW_S = 10.0  # frames/s and real-time factor are measured over this much recent time
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)  # seconds
 
 
 class EventMailbox:
     """Events from the engine's threads to asyncio queues, with one wake-up of the event loop per burst. An audio
-    round hands a piece to every request at once (512 at full load); one `call_soon_threadsafe` per piece is a
-    self-pipe write and a GIL hand-over each (512 of them took 2-4 ms on a 2-core machine), GIL time the engine
-    thread needs for its launches."""
+    round hands pieces to many requests at once (~80 per step at 512 streams); one `call_soon_threadsafe` per piece
+    is a self-pipe write and a GIL hand-over each (512 of them took 2-4 ms on a 2-core machine), GIL time the
+    engine thread needs for its launches."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -66,26 +66,6 @@ class EventMailbox:
         while self._items:
             queue, event = self._items.popleft()
             queue.put_nowait(event)
-
-
-class StepTimes:
-    """A histogram of the engine's step times, counted by the engine thread and read at scrape time (/metrics):
-    every stream gets one frame (80 ms of audio) per step, so steps near 80 ms mean streams about to stall."""
-
-    BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
-
-    def __init__(self):
-        self.counts = [0] * (len(self.BUCKETS) + 1)  # the last: above every bucket
-        self.total = 0.0
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1
-        self.total += seconds
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        """(le, count at or below it) per bucket, ending with +Inf, as Prometheus histograms count."""
-        sums = list(itertools.accumulate(list(self.counts)))
-        return [(repr(le), n) for le, n in zip(self.BUCKETS, sums)] + [("+Inf", sums[-1])]
 
 
 class RequestStream:
@@ -134,7 +114,11 @@ class SpeechService:
         self._stop = threading.Event()
         self._ready = threading.Event()  # set once loading ended, well or not
         self._rate = collections.deque(maxlen=64)  # (time, frames) samples for frames/s
-        self.step_times = StepTimes()
+        # The engine's step times, for /metrics (unregistered: the app's registry collects it through the service).
+        # Every stream gets one frame (80 ms of audio) per step, so steps near 80 ms mean streams about to stall.
+        self.step_times = Histogram("seseme_engine_step_seconds", "engine steps (one frame for every busy row) by host "
+                                    "time; every stream gets 80 ms of audio per step", buckets=STEP_BUCKETS,
+                                    registry=None)
         self._thread = threading.Thread(target=self._run, name="seseme-engine", daemon=True)
 
     # --- life cycle --------------------------------------------------------------------------------------------
