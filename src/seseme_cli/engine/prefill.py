@@ -35,11 +35,13 @@ Tensor = torch.Tensor
 # chunk anyway) and an engine for many rows, which prefills many prompts at once, gets big ones.
 CHUNK_ROWS = 256
 MAX_CHUNK_ROWS = 2048
-# One prompt of up to this many prefill rows (a voice agent's short turn, no context) replays a CUDA graph
-# padded to the next of these sizes: its eager prefill is launch bound (~100 launches, 4.9 ms of host time for
-# a 39-frame prompt on the H200 while the GPU needs ~1 ms: BENCHMARKS.md run 13), and it is most of the time
-# to first audio.
-GRAPH_ROWS = (8, 16, 32, 64)
+# The prompts admitted in one step, up to this many prefill rows in all (and no more prompts than rows),
+# replay a CUDA graph padded to the next of these sizes that the engine's chunk holds. Eager, a prefill is launch
+# bound: one 39-frame prompt is ~100 launches, 4.9 ms of host time while the GPU needs ~1 ms (H200, BENCHMARKS.md
+# run 13); that is most of the time to first audio at N = 1, and under load (a server admitting a few prompts every
+# step) it held the GIL for ~20% of the time at 512 streams (py-spy, run 15). Sizes grow by at most 1.5x, so a
+# padded replay does at most half as much work again as the prompts need.
+GRAPH_ROWS = (8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
 def chunk_rows_for(max_batch: int) -> int:
@@ -150,7 +152,7 @@ class Prefill:
 
     def __call__(self, prompts: Prompts) -> Tensor:
         """Write every prefill row's K/V (all layers) into its cache row; return the last frames' embeddings
-        (R, dim), in the engine's dtype. One prompt that fits a captured graph replays it."""
+        (R, dim), in the engine's dtype. Prompts that fit a captured graph replay it."""
         graph = self._graph_for(prompts)
         if graph is not None:
             return graph(prompts)
@@ -171,13 +173,13 @@ class Prefill:
             run_stack(self.weights, self.buf, n, positions, lengths, cache_rows, self.workspace, self.tuning)
         return x[n:].to(self.buf.h.dtype)
 
-    # --- one short prompt as a CUDA graph ----------------------------------------------------------------------
+    # --- the prompts of one step as a CUDA graph --------------------------------------------------------------
 
     def capture(self) -> None:
-        """Capture the one-prompt prefill for each of GRAPH_ROWS that a chunk holds (CUDA only), the largest first,
-        all in its memory pool (they are replayed one at a time, and each keeps its output). The warm-ups write
-        K/V into cache slot 0 of row 0: a row's own prefill rewrites its slots before it reads them, as after
-        the frame graphs' warm-up."""
+        """Capture the prefill for each of GRAPH_ROWS that a chunk holds (CUDA only), the largest first, all in
+        its memory pool (they are replayed one at a time, and each keeps its output). The warm-ups write K/V
+        into cache slot 0 of row 0: a row's own prefill rewrites its slots before it reads them, as after the
+        frame graphs' warm-up."""
         graphs, pool = {}, None
         for rows in sorted((r for r in GRAPH_ROWS if r <= self.chunk_rows), reverse=True):
             graphs[rows] = graph = _PrefillGraph(self, rows, self.buf.h.device, pool)
@@ -185,21 +187,24 @@ class Prefill:
         self.graphs = dict(sorted(graphs.items()))  # smallest first: _graph_for takes the first that fits
 
     def _graph_for(self, prompts: Prompts):
-        if not self.graphs or len(prompts.frames) != 1 or prompts.num_prefill == 0:
+        P, R = prompts.num_prefill, len(prompts.frames)
+        if not self.graphs or P == 0:
             return None
-        return next((g for rows, g in self.graphs.items() if rows >= prompts.num_prefill), None)
+        return next((g for rows, g in self.graphs.items() if rows >= P and g.max_prompts >= R), None)
 
 
 class _PrefillGraph:
-    """The prefill of one prompt of up to `rows` prefill rows, replayed from a CUDA graph over static inputs. A
-    shorter prompt is padded with copies of its last prefill row: each writes the same K/V into the same cache
-    slot again (same token, position and row), and their outputs are dropped."""
+    """The prefill of up to `rows` prefill rows of up to `rows` prompts, replayed from a CUDA graph over static
+    inputs. Fewer rows are padded with copies of the last prefill row: each writes the same K/V into the same
+    cache slot again (same token, position and row), and their outputs are dropped; so are the embeddings of
+    the last-frame slots that no prompt fills."""
 
     def __init__(self, prefill: Prefill, rows: int, device, pool=None):
         width = prefill.model.cfg.num_codebooks + 1
-        self.rows = rows
-        self.tokens = torch.zeros(rows + 1, width, dtype=torch.long, device=device)  # the prefill rows, then the last
-        self.mask = torch.zeros(rows + 1, width, dtype=torch.bool, device=device)
+        self.rows, self.max_prompts = rows, rows
+        # The prefill rows, then the prompts' last frames.
+        self.tokens = torch.zeros(rows + self.max_prompts, width, dtype=torch.long, device=device)
+        self.mask = torch.zeros(rows + self.max_prompts, width, dtype=torch.bool, device=device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
         self.lengths = torch.ones(rows, dtype=torch.long, device=device)
         self.cache_rows = torch.zeros(rows, dtype=torch.long, device=device)
@@ -214,14 +219,15 @@ class _PrefillGraph:
             self.out = prefill._chunk(*args)
 
     def __call__(self, prompts: Prompts) -> Tensor:
-        P, pad = prompts.num_prefill, self.rows - prompts.num_prefill
+        P, R = prompts.num_prefill, len(prompts.frames)
+        pad = self.rows - P
         for static, given in ((self.tokens, prompts.tokens), (self.mask, prompts.mask)):
             static[:P].copy_(given[:P])
             static[P:self.rows].copy_(given[P - 1 : P].expand(pad, -1))
-            static[self.rows :].copy_(given[P:])
+            static[self.rows : self.rows + R].copy_(given[P:])
         for static, given in ((self.positions, prompts.positions), (self.lengths, prompts.lengths),
                               (self.cache_rows, prompts.cache_rows)):
             static[:P].copy_(given)
             static[P:].copy_(given[P - 1 :].expand(pad))
         self.graph.replay()
-        return self.out
+        return self.out[:R]

@@ -2,8 +2,8 @@
 
 `Engine(model, max_batch)` allocates everything once (KV caches, activations, workspaces), packs the weights
 and captures `run_frame` for each bucket (1, 2, 4, ... max_batch). A request's prompt is prefilled into its
-cache row by the engine's kernels (prefill.py: eager, or one graph replay for one short prompt); from then on
-every frame is one graph replay. The caller copies finished frames to the host without waiting.
+cache row by the engine's kernels (prefill.py: the prompts of a step replay one padded graph, or run eagerly
+when they are more rows than a chunk); from then on every frame is one graph replay. The caller copies finished frames to the host without waiting.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class Engine:
             for b in self.buckets:
                 self.graphs[b] = self._capture(b)
             with torch.inference_mode():
-                self.prefill.capture()  # one short prompt's prefill (time to first audio)
+                self.prefill.capture()  # the prompts admitted in a step (time to first audio, host time under load)
         except RuntimeError as err:  # capture is an optimisation: run eagerly if the driver refuses it
             log.warning("CUDA graph capture failed (%s); running frames eagerly (slower)", str(err).splitlines()[0])
             self.graphs.clear()
@@ -119,7 +119,8 @@ class Engine:
     def set_rows(self, requests) -> None:
         """`set_row` for many rows at once: [(row, tokens, mask, temperature, topk, seed), ...], each row at most
         once. All prompts are prefilled together through the engine's kernels (`self.prefill`), one query row per
-        frame, nothing padded (but one short prompt alone, padded into a captured graph: prefill.GRAPH_ROWS).
+        frame; up to a chunk of rows replays a captured graph padded to the next of prefill.GRAPH_ROWS, more run
+        eagerly in chunks, nothing padded.
         ValueError for a bad request (see prefill.pack_prompts)."""
         if not requests:
             return
