@@ -266,7 +266,8 @@ def test_a_steps_prompts_replay_a_graph_close_to_the_eager_prefill_gpu(graphed_e
     """The prompts of one step, up to a chunk of prefill rows in all (256 for this engine), replay the graph of
     the next size in GRAPH_ROWS, padded with copies of the last prefill row: the same K/V in each row's slots
     0..T-2 as the eager prefill, the same last-frame embeddings, and no other slot written (258 frames: 257 rows,
-    eager)."""
+    eager). The K/V bound is the bf16 one of the prefill's parity test above: padded, the graph runs its linear
+    layers at another row count than the eager prefill, whose tuned split-K sums in another order."""
     engine = graphed_engine
     requests = [(row, *prompt(31 + row, min(T, 12), max(0, T - 12)), 0.0, 1, 0) for row, T in enumerate(frames)]
     prompts = pack_prompts(requests, K, engine.max_batch, engine.cfg.max_seq_len, "cuda")
@@ -290,6 +291,6 @@ def test_a_steps_prompts_replay_a_graph_close_to_the_eager_prefill_gpu(graphed_e
             untouched = torch.ones(cache.shape[:2], dtype=torch.bool, device=cache.device)
             for row, T in enumerate(frames):
                 if T > 1:
-                    assert rel_err(cache[row, : T - 1], ref[row, : T - 1]) < 1e-2
+                    assert rel_err(cache[row, : T - 1], ref[row, : T - 1]) < 2e-2
                 untouched[row, : T - 1] = False
             assert (cache[untouched] == SENTINEL).all()  # padding rows wrote nothing but their rows' own slots
