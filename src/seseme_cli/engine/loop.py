@@ -280,10 +280,10 @@ class SpeechEngine:
                 return
 
     def _admit_now(self, free: list[int]) -> bool:
-        """Whether to prefill waiting requests this step. A prefill is one eager pass whose host cost hardly
-        depends on how many prompts it holds, and the frame waits for it: so requests nobody listens to are
-        gathered for up to ADMIT_EVERY steps (or until a good share of the rows is free), while a listener's
-        request, or any request into an idle engine, goes in at once."""
+        """Whether to prefill waiting requests this step. A prefill is one graph replay (or eager pass) whose
+        host cost hardly depends on how many prompts it holds, and the frame waits for it: so requests nobody
+        listens to are gathered for up to ADMIT_EVERY steps (or until a good share of the rows is free), while a
+        listener's request, or any request into an idle engine, goes in at once."""
         if not self.waiting or not free:
             self._admit_wait = 0
             return False
