@@ -39,8 +39,8 @@ MAX_CHUNK_ROWS = 2048
 # replay a CUDA graph padded to the next of these sizes that the engine's chunk holds. Eager, a prefill is launch
 # bound: one 39-frame prompt is ~100 launches, 4.9 ms of host time while the GPU needs ~1 ms (H200, BENCHMARKS.md
 # run 13); that is most of the time to first audio at N = 1, and under load (a server admitting a few prompts every
-# step) it held the GIL for ~20% of the time at 512 streams (py-spy, run 15). Sizes grow by at most 1.5x, so a
-# padded replay does at most half as much work again as the prompts need.
+# step) it held the GIL for ~20% of the time at 512 streams (py-spy, run 15). From 64 rows, where the GPU time
+# starts to count, the sizes grow by at most 1.5x, so a padded replay does at most half as much work again.
 GRAPH_ROWS = (8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 

@@ -3,7 +3,8 @@
 `Engine(model, max_batch)` allocates everything once (KV caches, activations, workspaces), packs the weights
 and captures `run_frame` for each bucket (1, 2, 4, ... max_batch). A request's prompt is prefilled into its
 cache row by the engine's kernels (prefill.py: the prompts of a step replay one padded graph, or run eagerly
-when they are more rows than a chunk); from then on every frame is one graph replay. The caller copies finished frames to the host without waiting.
+when they are more rows than a chunk); from then on every frame is one graph replay. The caller copies
+finished frames to the host without waiting.
 """
 
 from __future__ import annotations
