@@ -32,6 +32,7 @@ from seseme_cli.api import load_csm_1b_optimized
 from seseme_cli.cli import serve as serve_cli
 from seseme_cli.errors import InputError
 from seseme_cli.server.app import create_app
+from seseme_cli.server.engine_process import EngineProcessService
 from seseme_cli.server.http import make_server
 from seseme_cli.server.service import SpeechService
 from seseme_cli.server.settings import ServerSettings
@@ -67,6 +68,13 @@ class Server:
                     return sample.value
         raise KeyError(name)
 
+    def wait_metric(self, name, check, timeout=5.0) -> float:
+        """The metric's value once `check(value)` holds (the engine process sends its numbers a little later)."""
+        deadline = time.monotonic() + timeout
+        while not check(value := self.metric(name)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return value
+
     def wait_idle(self, timeout=10.0) -> float:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -76,8 +84,10 @@ class Server:
         raise AssertionError("the engine did not become idle")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["engine thread", "engine process"])
+def server(request, tmp_path_factory):
+    """Every test runs against both services: the engine as a thread of the server's process (the CPU's default)
+    and in a process of its own (server.engine_process, the GPU's default)."""
     voices = tmp_path_factory.mktemp("voices")
     settings = ServerSettings(model="tiny-random", device="cpu", max_batch=MAX_BATCH, max_queue=MAX_QUEUE,
                               max_input_chars=500, max_body_bytes=256 * 1024, max_audio_ms=4000, voices_dir=voices,
@@ -88,7 +98,10 @@ def server(tmp_path_factory):
         gate.wait(30)  # held until the test has seen the server answer while "loading"
         return load_csm_1b_optimized("tiny-random", device="cpu")
 
-    service = SpeechService(load, settings).start()
+    if request.param == "engine process":  # its child spends seconds importing torch and loading: no gate needed
+        service = EngineProcessService(settings).start()
+    else:
+        service = SpeechService(load, settings).start()
     srv = make_server(create_app(service, settings), service, "127.0.0.1", 0, 5, log_level="warning",
                       access_log=False)
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -163,7 +176,7 @@ def test_metrics_count_the_engines_steps(server):
     before = server.metric("seseme_engine_step_seconds_count")
     r = server.post({"input": "Count my steps.", "response_format": "pcm", "max_audio_ms": 400, "seed": 3})
     assert r.status_code == 200
-    steps = server.metric("seseme_engine_step_seconds_count")
+    steps = server.wait_metric("seseme_engine_step_seconds_count", lambda n: n >= before + 5)
     assert steps >= before + 5  # 5 frames at least, one step each
     assert server.metric("seseme_engine_step_seconds_bucket", le="+Inf") == steps
     assert server.metric("seseme_engine_step_seconds_sum") > 0
@@ -324,7 +337,7 @@ def test_full_queue_answers_429_with_retry_after(server):
             assert response.status_code == 200
             readers.append(response.iter_bytes())  # kept: a dropped iterator would close the response at once
             next(readers[-1])
-        assert server.metric("seseme_active_rows") == MAX_BATCH
+        assert server.wait_metric("seseme_active_rows", lambda n: n == MAX_BATCH) == MAX_BATCH
         with ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(client.post, f"{server.url}/v1/audio/speech", json={"input": f"Flood {i}.", **flood})
                        for i in range(12)]
@@ -443,7 +456,7 @@ def test_request_failing_at_admission_gets_400_and_spares_the_others(server):
     from seseme_cli.server.voices import codec_id
 
     meta = {"version": 1, "name": "toolong", "transcript": "far too long", "speaker": 0, "frames": 2100,
-            "codebooks": 32, "codec": codec_id(server.service.tts.codec)}
+            "codebooks": 32, "codec": codec_id(load_csm_1b_optimized("tiny-random", device="cpu").codec)}
     (server.voices / "toolong.json").write_text(json.dumps(meta))
     try:
         with ThreadPoolExecutor(2) as pool:
@@ -595,18 +608,29 @@ from seseme_cli.cli import serve
 app = typer.Typer()
 app.command()(serve.serve)
 app.add_typer(serve.voice_app, name="voice")
-app(sys.argv[1:])
+if __name__ == "__main__":  # not in the engine process, which spawn starts by importing this file
+    app(sys.argv[1:])
 """
 
 
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
+@pytest.mark.parametrize("where", ["--in-process", "--engine-process"])
+def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path, where):
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
     env = dict(os.environ)  # no PYTHONUNBUFFERED: the ready line must be flushed by itself
     proc = subprocess.Popen([sys.executable, str(launcher), "serve", "--model", "tiny-random", "--device", "cpu",
                              "--port", "0", "--max-batch", "2", "--voices", str(tmp_path / "voices"),
-                             "--no-access-log"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--no-access-log", where], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)  # its own process group, as under a service manager
     try:
         line = proc.stdout.readline()  # "seseme serve: ready on http://127.0.0.1:PORT ..."
         assert "ready on" in line, line + proc.stderr.read()
@@ -615,7 +639,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
                 "input": "Finish me.", "response_format": "pcm", "max_audio_ms": 1600, "seed": 1}) as r:
             pieces = r.iter_bytes()
             chunks = [next(pieces)]
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)  # the whole group: an engine process must leave the drain to the front
             time.sleep(0.3)
             late = httpx.post(f"{url}/v1/audio/speech", json={"input": "Too late."})
             assert_openai_error(late, 503, code="shutting_down")
@@ -624,10 +648,14 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
             chunks += list(pieces)
         assert len(b"".join(chunks)) == 20 * FRAME_BYTES  # the in-flight request was spoken to its end
         assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        deadline = time.monotonic() + 5
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _group_alive(proc.pid), "a process of the server outlived it"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_the_mailbox_wakes_the_event_loop_once_per_burst_and_keeps_each_queues_order():

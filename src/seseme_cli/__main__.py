@@ -2,4 +2,5 @@
 
 from seseme_cli.cli.main import app
 
-app(prog_name="seseme")
+if __name__ == "__main__":  # not when a spawned process (the server's engine) imports it
+    app(prog_name="seseme")

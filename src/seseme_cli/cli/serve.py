@@ -84,6 +84,10 @@ def serve(
         help="Serve from N GPUs (or all), one engine replica each, through Ray (the `ray` extra); each request goes "
              "to the least-loaded replica, --max-batch and --max-queue are per replica. Default: one GPU, in this "
              "process.")] = None,
+    engine_process: Annotated[Optional[bool], typer.Option(
+        "--engine-process/--in-process", show_default=False,
+        help="Run the engine in a process of its own, so that HTTP work never holds the GIL the engine's frames "
+             "need (default: on a GPU), or in the server's process (default on the CPU).")] = None,
     replicas: Annotated[Optional[int], typer.Option(
         hidden=True, help="Engine replicas on the CPU (with --device cpu): the --gpus path, for tests.")] = None,
 ) -> None:
@@ -92,6 +96,7 @@ def serve(
     from seseme_cli.errors import SesemeError
     from seseme_cli.server.app import create_app
     from seseme_cli.server.http import make_server
+    from seseme_cli.server.engine_process import EngineProcessService, engine_process_default
     from seseme_cli.server.service import SpeechService
 
     with user_errors():
@@ -116,6 +121,8 @@ def serve(
             from seseme_cli.server.replicas import ReplicaService
 
             service = ReplicaService(ReplicaSpec(count, model, settings.device), settings).start()
+        elif engine_process if engine_process is not None else engine_process_default(settings.device):
+            service = EngineProcessService(settings).start()
         else:
             service = SpeechService(lambda: load_model(model, settings.device), settings).start()
         app = create_app(service, settings)

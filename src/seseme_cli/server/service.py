@@ -52,7 +52,11 @@ class EventMailbox:
 
     def post(self, queue: asyncio.Queue, event) -> None:
         """From any thread; never raises (a closed event loop has nobody listening)."""
-        self._items.append((queue, event))
+        self.post_many(((queue, event),))
+
+    def post_many(self, posts) -> None:
+        """`post` for several (queue, event) pairs at once, in order."""
+        self._items.extend(posts)
         with self._lock:
             if self._scheduled:
                 return
