@@ -203,6 +203,35 @@ def test_a_burst_of_arrivals_is_admitted_over_several_steps_while_rows_generate(
     assert running.status == FINISHED
 
 
+def test_the_prefill_budget_is_not_overshot_and_counts_the_rows_already_queued(tts):
+    """Two prompts that together pass the budget go in two steps (one more prompt would take the prefill past its
+    captured graphs); a step whose prefill already holds rows (here a parked row's next prompt, queued by
+    `_start_generation`) takes no prompt that would pass it either. The codes are the same as alone."""
+    from seseme_cli.speech.longform import SpeechJob
+
+    requests = [req(f"Burst request {i} of equal length.", 400, 30 + i) for i in range(3)]
+    engine = engine_for(tts, 4)
+    rows = SpeechJob(requests[0], (), engine.prompts).next_generation().tokens.shape[0] - 1
+    engine.prefill_rows_per_step = 2 * rows - 1
+    running = engine.add_request(req("Already generating.", 1600, 29))
+    engine.step()
+    handles = [engine.add_request(r) for r in requests]
+    engine.step()
+    assert [h.started is not None for h in handles] == [True, False, False]  # the second would pass the budget
+    assert handles[1].prepared is not None  # its prompt is kept for the next step, not built again
+    queued = (rows + 1, engine.K + 1)  # `rows` prefill rows already queued for this step (row 3 is free, stays so)
+    engine._pending[3] = (3, torch.zeros(queued, dtype=torch.long), torch.ones(queued, dtype=torch.bool), 0.0, 1, 0)
+    engine.step()
+    assert [h.started is not None for h in handles] == [True, False, False]
+    engine.step()
+    assert [h.started is not None for h in handles] == [True, True, False]
+    engine.drain()
+    engine.close()
+    for request, handle in zip(requests, handles):
+        assert handle.status == FINISHED and torch.equal(handle.codes, codes_alone(tts, request))
+    assert running.status == FINISHED
+
+
 def test_a_listeners_audio_comes_in_chunks_that_grow_to_chunk_frames(tts):
     """A listener's (low_latency) audio pieces are 1, 1, 2, 4, 8, 8, ... frames while it runs alone (each chunk is
     as long as the audio already sent, so it can arrive before that has played out); a request nobody listens to gets

@@ -56,6 +56,7 @@ class RequestHandle:
         self.ended: float | None = None
         self.abort_requested = False
         self.low_latency = low_latency  # a listener waits for its first audio (engine.loop: no lag, small first chunk)
+        self.prepared = None  # (job, first generation) of a request the prefill budget sent back to wait (engine.loop)
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
 

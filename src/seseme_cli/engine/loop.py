@@ -82,8 +82,8 @@ class SpeechEngine:
     """The loop over `tts`'s frame engine (`tts.setup_caches(max_batch)` first). `decode_audio`: decode each
     request's audio as it generates (else handles get codes only); `pcm16`: decode to int16 samples;
     `max_waiting`: add_request raises QueueFull beyond this many waiting requests (None: no limit);
-    `prefill_rows_per_step`: while rows are generating, a step admits new prompts up to about this many prefill
-    rows (default: one prefill chunk, about one step's GPU time at the engine's size), so that a burst of arrivals
+    `prefill_rows_per_step`: while rows are generating, a step admits new prompts up to this many prefill rows
+    (counting those already queued for its prefill) (default: one prefill chunk, about one step's GPU time at the engine's size), so that a burst of arrivals
     never stalls the running streams for long; into an idle engine everything goes at once."""
 
     def __init__(self, tts, decode_audio: bool = True, pcm16: bool = False, max_waiting: int | None = None,
@@ -298,17 +298,25 @@ class SpeechEngine:
             return
         self._admit_wait = 0
         budget = self.prefill_rows_per_step if len(free) < self.B else None  # None: nobody would wait for it
-        rows = 0
+        # The rows this step's prefill already holds (a long text's next chunks, parked rows) count against the
+        # budget too; and the budget is not overshot: past one prefill chunk the prefill leaves its captured graphs
+        # for the eager path, launch-bound and holding the GIL for tens of milliseconds (py-spy at 512 streams,
+        # BENCHMARKS.md run 17). Only a step with nothing else to prefill takes one prompt of any size.
+        rows = sum(tokens.shape[0] - 1 for _, tokens, *_ in self._pending.values())
         while (self.waiting and free and (self.audio is None or self.audio.has_free_slot)
                and (budget is None or rows < budget)):
             handle = self.waiting.popleft()
             try:
-                job = SpeechJob(handle.request, self.tts.encode_context(handle.request.context), self.prompts)
-                gen = job.next_generation()
+                job, gen = handle.prepared or self._prepare(handle)
             except SesemeError as e:  # this request's input (context audio, a prompt over the window): it alone fails
                 handle.deliver_end(FAILED, " ".join(str(e).split()), e)
                 out.finished.append(handle)
                 continue
+            if budget is not None and rows and rows + gen.tokens.shape[0] - 1 > budget:
+                handle.prepared = (job, gen)  # first in line at the next step, its context already encoded
+                self.waiting.appendleft(handle)
+                break
+            handle.prepared = None
             row = free.pop(0)
             state = _Row(handle, job)
             if self.audio is not None:
@@ -317,6 +325,11 @@ class SpeechEngine:
             self.rows[row] = state
             self._start_generation(row, state, gen)
             rows += gen.tokens.shape[0] - 1
+
+    def _prepare(self, handle: RequestHandle):
+        """A waiting request's job (its context encoded) and first generation (its prompt)."""
+        job = SpeechJob(handle.request, self.tts.encode_context(handle.request.context), self.prompts)
+        return job, job.next_generation()
 
     def _start_generation(self, row: int, state: _Row, gen) -> None:
         sampling = state.handle.request.sampling
