@@ -76,6 +76,8 @@ class _Row:
         self.audio: list[np.ndarray] = []  # frames not yet handed to the audio decoder
         self.audio_started = False
         self.audio_due = 0  # new frames that make this request's next audio round due (its chunk size)
+        self.awaiting = None  # a long text's next generation, waiting for room in a step's prefill (its frames
+        # meanwhile are not its own: the row still runs inside the batch, its codes are dropped)
 
 
 class SpeechEngine:
@@ -107,6 +109,7 @@ class SpeechEngine:
         self.wakeup = threading.Event()  # set by add_request/abort, for a thread that waits while idle
         self._pending: dict[int, tuple] = {}  # row -> prefill request, flushed right before the next frame
         self._admit_wait = 0  # steps the waiting requests have had free rows but no prefill
+        self._continuing: collections.deque = collections.deque()  # (row, state): next chunks waiting for the prefill
         pinned = self.runner.device.type == "cuda"
         self._pinned = pinned
         self._host = [torch.zeros(self.B, self.K, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
@@ -188,7 +191,7 @@ class SpeechEngine:
         if self.audio is not None:  # the requests' decoder slots are free again
             self.audio.reclaim([r for r in self.rows if r is not None])
         self.rows = [None] * self.B
-        self._inflight, self._pending = collections.deque(), {}
+        self._inflight, self._pending, self._continuing = collections.deque(), {}, collections.deque()
         for row in range(self.B):  # every row starts over from a one-frame prompt
             self._park(row)
         for handle in handles:
@@ -197,6 +200,7 @@ class SpeechEngine:
     def _step(self) -> StepOutput:
         out = StepOutput()
         self._take_arrivals()
+        self._continue()
         self._admit(out)
         busy = [r for r in range(self.B) if self.rows[r] is not None]
         if busy:
@@ -278,6 +282,29 @@ class SpeechEngine:
             if state is not None and state.handle is handle:
                 self._end_request(row, state, ABORTED, "aborted")
                 return
+
+    def _continue(self) -> None:
+        """Prefill the long texts' next chunks, oldest first, within the step's prefill budget (these rows' streams
+        have audio in hand: each was generated faster than real time). When a cohort of long requests admitted
+        together reaches its chunk limits in one step, their next prompts (each with the spoken chunk as context,
+        ~150-400 rows) came to tens of thousands of rows in one prefill: a step of 100+ ms that stalled every
+        stream. One chunk always goes (so each step makes progress), and so does a row whose idle frames are about
+        to reach the end of its cache."""
+        if not self._continuing:
+            return
+        rows = sum(tokens.shape[0] - 1 for _, tokens, *_ in self._pending.values())
+        waiting: collections.deque = collections.deque()
+        for row, state in self._continuing:
+            if self.rows[row] is not state or state.awaiting is None:  # aborted or failed meanwhile
+                continue
+            need = state.awaiting.tokens.shape[0] - 1
+            if rows and rows + need > self.prefill_rows_per_step and self.positions[row] + 3 < self.window:
+                waiting.append((row, state))
+                continue
+            gen, state.awaiting = state.awaiting, None
+            self._start_generation(row, state, gen)
+            rows += need
+        self._continuing = waiting
 
     def _admit_now(self, free: list[int]) -> bool:
         """Whether to prefill waiting requests this step. A prefill is one graph replay (or eager pass) whose
@@ -361,7 +388,8 @@ class SpeechEngine:
             self._events[ring].record()
         for row in range(bucket):
             self.positions[row] += 1
-        self._inflight.append((ring, n, [(r, self.rows[r], self.rows[r].generation) for r in busy]))
+        self._inflight.append((ring, n, [(r, self.rows[r], self.rows[r].generation) for r in busy
+                                         if self.rows[r].awaiting is None]))
 
     def _process(self, item, out: StepOutput) -> None:
         ring, n, snapshot = item
@@ -403,8 +431,9 @@ class SpeechEngine:
             self._end_request(row, state, FAILED, " ".join(str(e).split()), e)
             out.finished.append(handle)
             return
-        if gen is not None:
-            self._start_generation(row, state, gen)
+        if gen is not None:  # the next chunk: prefilled at the next step, within its budget (_continue)
+            state.awaiting = gen
+            self._continuing.append((row, state))
             return
         job.warn_if_truncated()
         handle.codes, handle.truncated = job.codes(self.K), job.truncated
