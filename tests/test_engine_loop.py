@@ -280,3 +280,31 @@ def test_listeners_at_different_phases_still_get_growing_chunks_and_their_own_au
         full = tts.codec.decode(codes.T).cpu()
         samples = torch.from_numpy(handle.audio())
         assert samples.shape == full.shape and (samples - full).abs().max() <= 1e-5 * full.abs().max()
+
+
+def test_long_texts_next_chunks_that_come_due_together_are_prefilled_over_several_steps(tts):
+    """Two long texts admitted together reach their chunk limits in the same step; with a budget of one prefill
+    row their next prompts go one per step (a cohort of continuations once made a prefill of tens of thousands of
+    rows that stalled every stream), the row that waits keeps running without keeping its frames, and the codes
+    are the same as alone."""
+    requests = [SpeechRequest.make(PARAGRAPHS, 0, max_audio_ms=400, seed=40 + i) for i in range(2)]
+    engine = engine_for(tts, 2, prefill_rows_per_step=1)
+    started, step = [], [0]
+    start_generation = engine._start_generation
+
+    def recording(row, state, gen):
+        started.append((step[0], row))
+        return start_generation(row, state, gen)
+
+    engine._start_generation = recording
+    handles = [engine.add_request(r) for r in requests]
+    while any(h.status not in (FINISHED, FAILED, ABORTED) for h in handles):
+        engine.step()
+        step[0] += 1
+    engine.close()
+    continuations = started[2:]
+    assert continuations, "the texts were expected to need more than one chunk"
+    steps = [s for s, _ in continuations]
+    assert len(steps) == len(set(steps)), started  # never two next chunks in one step
+    for request, handle in zip(requests, handles):
+        assert handle.status == FINISHED and torch.equal(handle.codes, codes_alone(tts, request))
