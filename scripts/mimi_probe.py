@@ -4,7 +4,9 @@ CUDA events around 12 replays after a warm-up, on the decoder's own stream.
 --cudnn-benchmark: let cuDNN time its convolution algorithms at capture (torch.backends.cudnn.benchmark).
 --profile: the CUDA kernels of 3 graphed frames of all slots, by total time (torch.profiler; CUPTI sees the
 kernels inside a graph). SESEME_MIMI_ATTENTION=torch: Mimi's attention on PyTorch's kernel (audio.mimi_attention).
-Usage: python scripts/mimi_probe.py [slots] [--cudnn-benchmark] [--profile]   (576: a 512-row engine's slots)"""
+--bf16: the same with Mimi's weights and streaming state in bf16 (its attention then on PyTorch's kernel), after the
+fp32 run, and the SNR of the bf16 audio against the fp32 audio of the same codes, all slots.
+Usage: python scripts/mimi_probe.py [slots] [--cudnn-benchmark] [--profile] [--bf16]   (576: a 512-row engine's slots)"""
 import sys
 
 import torch
@@ -20,24 +22,39 @@ K, frames = codec.num_codebooks, 12
 torch.manual_seed(0)
 codes = torch.randint(0, codec.cardinality, (slots, K, frames), device="cuda")
 
-with streaming_decoder(codec, slots, 1) as (decode, graphed):
-    print(f"slots {slots}: graphed {graphed}; attention on ops.masked_attention "
-          f"{getattr(decode, 'kernel_attention', False)}; cudnn.benchmark {torch.backends.cudnn.benchmark}; "
-          f"buckets {slot_buckets(slots)}", flush=True)
-    stream = torch.cuda.current_stream()
-    for m in slot_buckets(slots):
-        decode(codes[:m, :, :2], None, None)  # warm
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        decode(codes[:m], None, None)
-        end.record(stream)
-        end.synchronize()
-        print(f"bucket {m:4d} slots: {start.elapsed_time(end) / frames:.3f} ms per frame", flush=True)
-    if "--profile" in args:
-        from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decode(codes[:, :, :3], None, None)
-            torch.cuda.synchronize()
-        print(f"3 graphed frames x {slots} slots, CUDA kernels by total time:")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+def probe(codec, label):
+    with streaming_decoder(codec, slots, 1) as (decode, graphed):
+        print(f"{label}, slots {slots}: graphed {graphed}; attention on ops.masked_attention "
+              f"{getattr(decode, 'kernel_attention', False)}; cudnn.benchmark {torch.backends.cudnn.benchmark}; "
+              f"buckets {slot_buckets(slots)}", flush=True)
+        stream = torch.cuda.current_stream()
+        for m in slot_buckets(slots):
+            decode(codes[:m, :, :2], None, None)  # warm
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            decode(codes[:m], None, None)
+            end.record(stream)
+            end.synchronize()
+            print(f"bucket {m:4d} slots: {start.elapsed_time(end) / frames:.3f} ms per frame", flush=True)
+        if "--profile" in args:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                decode(codes[:, :, :3], None, None)
+                torch.cuda.synchronize()
+            print(f"3 graphed frames x {slots} slots, CUDA kernels by total time:")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        # All slots from a fresh state, for the dtype comparison.
+        audio = decode(codes, torch.ones(slots, dtype=torch.bool, device="cuda"), None).float()
+    return audio
+
+
+reference = probe(codec, "fp32")
+if "--bf16" in args:
+    codec.model.to(torch.bfloat16)
+    audio = probe(codec, "bf16")
+    error = (audio - reference).pow(2).sum()
+    print(f"bf16 against fp32, {slots} slots x {frames} frames: SNR "
+          f"{10 * torch.log10(reference.pow(2).sum() / error):.1f} dB, worst sample error "
+          f"{(audio - reference).abs().max():.2e} (audio rms {reference.pow(2).mean().sqrt():.3f})")
