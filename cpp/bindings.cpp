@@ -15,6 +15,7 @@
 
 #include "../cuda/pdl_probe.cuh"
 #include "../cuda/rmsnorm.cuh"
+#include "../cuda/silu_mul.cuh"
 #include "check.h"
 #include "families.h"
 
@@ -76,6 +77,23 @@ void rms_norm(uintptr_t out, uintptr_t x, uintptr_t residual, uintptr_t residual
 #endif
 }
 
+void silu_mul(uintptr_t out, uintptr_t gate_up, int64_t rows, int64_t f, int dtype, uintptr_t stream) {
+#if !SESEME_WITH_CUDA
+    no_cuda();
+#else
+    const int64_t esize = element_size(dtype);
+    check(rows >= 0 && rows <= std::numeric_limits<int32_t>::max(),
+          "silu_mul: rows must be in [0, 2^31), got " + std::to_string(rows));
+    check(f >= 0 && f <= std::numeric_limits<int32_t>::max(), "silu_mul: f must be in [0, 2^31), got " + std::to_string(f));
+    check(out != 0 && gate_up != 0, "silu_mul: out and gate_up must be non-null device pointers");
+    check_ptr("out", out, esize);
+    check_ptr("gate_up", gate_up, esize);
+    const char* err = launch_silu_mul(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(gate_up), rows, f,
+                                      dtype, stream);
+    if (err != nullptr) throw std::runtime_error(std::string("silu_mul launch failed: ") + err);
+#endif
+}
+
 void pdl_probe(uintptr_t times, int64_t spin_ns, uintptr_t stream) {
 #if !SESEME_WITH_CUDA
     no_cuda();
@@ -101,6 +119,9 @@ PYBIND11_MODULE(_kernels, m) {
           py::arg("weight"), py::arg("rows"), py::arg("dim"), py::arg("eps"), py::arg("dtype"), py::arg("stream"),
           "Fused residual add + RMSNorm over (rows, dim) contiguous tensors; residual/residual_out 0 for none. "
           "Asynchronous on `stream`.");
+
+    m.def("silu_mul", &silu_mul, py::arg("out"), py::arg("gate_up"), py::arg("rows"), py::arg("f"), py::arg("dtype"),
+          py::arg("stream"), "out (rows, f) = silu(gate_up[:, :f]) * gate_up[:, f:], contiguous; asynchronous on `stream`.");
 
     m.def("pdl_probe", &pdl_probe, py::arg("times"), py::arg("spin_ns"), py::arg("stream"),
           "Two kernels showing whether programmatic dependent launch overlaps them (cuda/pdl_probe.cuh).");

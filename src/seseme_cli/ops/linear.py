@@ -31,6 +31,8 @@ norm_out, so no path allocates. norm_out is required (x's shape and dtype, not o
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -38,8 +40,10 @@ from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module,
 from seseme_cli.ops.linear_config import (MMA_MAX_N, LinearConfig, as_config, default_config, sm_count,
                                           workspace_bytes)
 from seseme_cli.ops.rmsnorm import rms_norm, rms_norm_ref
+from seseme_cli.ops.silu_mul import silu_mul
 
 Tensor = torch.Tensor
+_TORCH_SILU_MUL = os.environ.get("SESEME_SILU_MUL") == "torch"
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # ---------------------------------------------------------------------------------------------- linear
@@ -160,12 +164,16 @@ def _swiglu_one_gemm(x: Tensor, weight_gate_up: Tensor, out: Tensor) -> Tensor:
     (one launch and one pass over x instead of two), silu in place on the gate half, the product written straight
     into out. The reference's roundings: gate, up, silu and product each rounded to the dtype. Why: the profile of
     a batch-512 frame (H100, 21.4 ms) showed 563 elementwise kernels (2.5 ms) and 593 device copies (1.6 ms), many
-    of them the two-GEMM reference's product and copy into out. Its gain alone has not been A/B-measured."""
-    f = weight_gate_up.shape[0] // 2
+    of them the two-GEMM reference's product and copy into out. The product is ops.silu_mul: one pass instead of
+    PyTorch's silu in place and a multiply over strided halves (BENCHMARKS.md run 18b: 3.5 ms of a batch-512 frame).
+    silu_mul takes gate and up from the GEMM's (rows, 2f) output."""
     y = torch.mm(x.reshape(-1, x.shape[-1]), weight_gate_up.t())
-    gate, up = y[:, :f], y[:, f:]
-    F.silu(gate, inplace=True)
-    torch.mul(gate, up, out=out.view(-1, f))
+    f = weight_gate_up.shape[0] // 2
+    if _TORCH_SILU_MUL:  # SESEME_SILU_MUL=torch: PyTorch's two passes (for A/B timing)
+        F.silu(y[:, :f], inplace=True)
+        torch.mul(y[:, :f], y[:, f:], out=out.view(-1, f))
+    else:
+        silu_mul(y, out.view(-1, f))
     return out
 
 
