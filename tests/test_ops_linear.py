@@ -338,6 +338,20 @@ def test_swiglu_above_the_kernels_rows_in_one_gemm(n, f, k, dtype):
 
 @pytest.mark.cuda
 @cuda
+@pytest.mark.parametrize("n", [65, 512])
+def test_above_the_kernels_rows_the_gemm_writes_a_strided_out_in_place(n):
+    # The engine's heads above 64 rows: 2051 logits per row written into rows padded to 2056 (engine.frame).
+    x, w, _ = make(n, 2051, 1024, torch.bfloat16, "cuda", seed=n)
+    padded = torch.full((n, 2056), 7.0, dtype=torch.bfloat16, device="cuda")
+    out = padded[:, :2051]
+    assert linear(x, w, out) is out
+    assert torch.equal(padded[:, 2051:], torch.full_like(padded[:, 2051:], 7.0))  # the padding untouched
+    gold = x.double() @ w.double().T
+    assert max_err(out, gold) <= 2 * max_err(F.linear(x, w), gold) + 1e-6
+
+
+@pytest.mark.cuda
+@cuda
 def test_batched_leading_dims_and_empty():
     x, w, r = make(6, 300, 512, torch.bfloat16, "cuda", residual=True)
     y = linear(x.view(2, 3, 512), w, residual=r.view(2, 3, 300))

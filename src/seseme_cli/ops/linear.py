@@ -71,6 +71,10 @@ def linear_ref(x: Tensor, weight: Tensor, out: Tensor | None = None, residual: T
     _check_args(x, weight, out, residual, config, False, norm_weight, norm_out)
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, norm_eps, out=norm_out)
+    if (x.is_cuda and out is not None and residual is None and x.dim() == 2 and out.dim() == 2 and out.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        # The GEMM straight into out, also a strided out (the engine's padded logits rows): no temporary and copy.
+        return torch.mm(x, weight.t(), out=out)
     y = F.linear(x, weight)
     if residual is not None:
         y = residual + y
