@@ -17,6 +17,7 @@
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 1 << 20;
 
 template <typename T, int N>
 __global__ void silu_mul_kernel(T* __restrict__ out, const T* __restrict__ gate_up, int64_t rows, int64_t f) {
@@ -47,11 +48,8 @@ const char* launch_typed(void* out, const void* gate_up, int64_t rows, int64_t f
     constexpr int N = 16 / sizeof(T);
     const bool vec = f % N == 0 && aligned16(out) && aligned16(gate_up);
     const int64_t total = rows * (vec ? f / N : f);
-    int device = 0, sms = 132;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    const int64_t wanted = (total + kThreads - 1) / kThreads;
-    const unsigned blocks = (unsigned)(wanted < 16LL * sms ? wanted : 16LL * sms);  // grid-stride beyond that
+    const int64_t wanted = (total + kThreads - 1) / kThreads;  // one pack per thread (8192 blocks at 2048 x 8192)
+    const unsigned blocks = (unsigned)(wanted < kMaxBlocks ? wanted : kMaxBlocks);  // grid-stride beyond that
     return launch_error(launch(vec ? silu_mul_kernel<T, N> : silu_mul_kernel<T, 1>, dim3(blocks), dim3(kThreads), 0,
                                stream, (T*)out, (const T*)gate_up, rows, f));
 }

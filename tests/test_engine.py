@@ -116,6 +116,25 @@ def test_engine_teacher_forced_logits_close_to_reference_gpu(gpu_models):
 
 @cuda
 @needs_kernels
+def test_above_64_rows_the_teacher_forced_logits_stay_close_to_reference_gpu(gpu_models):
+    # Buckets above the MMA kernel's 64 rows run cuBLAS GEMMs, SwiGLU's product on ops.silu_mul and the heads into
+    # padded logits rows (engine.frame): every row of a 72-row frame must still give the reference's logits.
+    ref, _ = gpu_models
+    engine = Engine(copy.deepcopy(ref), max_batch=72)
+    tokens, mask = prompt(4, 40)
+    forced = torch.randint(1, 2048, (2, K), generator=torch.Generator().manual_seed(1))
+    expected = reference_teacher_forced(ref, tokens, mask, forced)
+    engine.set_rows([(row, tokens, mask, 0.9, 50, row) for row in range(72)])
+    for f, frame in enumerate(forced.to(engine.device)):
+        teacher = TeacherForcing(frame[:, None])
+        engine.step_teacher_forced(72, teacher)
+        for row in (0, 71):
+            got = torch.stack([l[row] for l in teacher.logits])
+            assert max(rel_err(got[k], expected[f, k]) for k in range(K)) < 2e-2
+
+
+@cuda
+@needs_kernels
 def test_engine_greedy_first_frames_equal_reference_gpu(gpu_models):
     ref, engine = gpu_models
     tokens, mask = prompt(5, 40)
