@@ -136,3 +136,20 @@ class FullDisk:
 
     def __exit__(self, *exc):
         self.f.close()
+
+
+def serve_in_thread(service, settings):
+    """A real uvicorn server for `service` on a free loopback port, in a daemon thread: (server, thread, url)."""
+    import threading
+    import time
+
+    from seseme_cli.server.app import create_app
+    from seseme_cli.server.http import make_server
+
+    server = make_server(create_app(service, settings), service, "127.0.0.1", 0, 5, log_level="warning",
+                         access_log=False)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{server.port}"

@@ -14,9 +14,8 @@ import time
 import httpx
 import pytest
 
-from seseme_cli.server.app import create_app
+from conftest import serve_in_thread
 from seseme_cli.server.engine_process import EngineProcessService, engine_process_default
-from seseme_cli.server.http import make_server
 from seseme_cli.server.service import FAILED
 from seseme_cli.server.settings import ServerSettings
 
@@ -30,13 +29,7 @@ if __name__ == "__main__":
 
 def start(settings):
     service = EngineProcessService(settings).start()
-    server = make_server(create_app(service, settings), service, "127.0.0.1", 0, 5, log_level="warning",
-                         access_log=False)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    return service, server, thread, f"http://127.0.0.1:{server.port}"
+    return (service, *serve_in_thread(service, settings))
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

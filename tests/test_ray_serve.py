@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,10 +15,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import serve_in_thread
 from seseme_cli.api import load_csm_1b_optimized
 from seseme_cli.replicas.cluster import ReplicaSpec
-from seseme_cli.server.app import create_app
-from seseme_cli.server.http import make_server
 from seseme_cli.server.settings import ServerSettings
 
 MAX_BATCH, MAX_QUEUE = 2, 2
@@ -60,13 +58,7 @@ def front():
     settings = ServerSettings(model="tiny-random", device="cpu", max_batch=MAX_BATCH, max_queue=MAX_QUEUE,
                               max_audio_ms=8000, voices_dir=None, drain_timeout_s=5)
     service = ReplicaService(ReplicaSpec(2, "tiny-random", "cpu"), settings).start()
-    server = make_server(create_app(service, settings), service, "127.0.0.1", 0, 5, log_level="warning",
-                         access_log=False)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{server.port}"
+    server, thread, url = serve_in_thread(service, settings)
     assert httpx.get(f"{url}/health").status_code == 503  # the replicas are still loading
     assert service.wait_ready(120), service.describe_error()
     yield Front(url, service)

@@ -28,12 +28,12 @@ import typer
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
+from conftest import serve_in_thread
 from seseme_cli.api import load_csm_1b_optimized
 from seseme_cli.cli import serve as serve_cli
 from seseme_cli.errors import InputError
 from seseme_cli.server.app import create_app
 from seseme_cli.server.engine_process import EngineProcessService
-from seseme_cli.server.http import make_server
 from seseme_cli.server.service import SpeechService
 from seseme_cli.server.settings import ServerSettings
 
@@ -102,13 +102,7 @@ def server(request, tmp_path_factory):
         service = EngineProcessService(settings).start()
     else:
         service = SpeechService(load, settings).start()
-    srv = make_server(create_app(service, settings), service, "127.0.0.1", 0, 5, log_level="warning",
-                      access_log=False)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{srv.port}"
+    srv, thread, url = serve_in_thread(service, settings)
     health = httpx.get(f"{url}/health").status_code
     early = httpx.post(f"{url}/v1/audio/speech", json={"input": "hi"})
     gate.set()
