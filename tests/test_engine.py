@@ -117,8 +117,9 @@ def test_engine_teacher_forced_logits_close_to_reference_gpu(gpu_models):
 @cuda
 @needs_kernels
 def test_above_64_rows_the_teacher_forced_logits_stay_close_to_reference_gpu(gpu_models):
-    # Buckets above the MMA kernel's 64 rows run cuBLAS GEMMs, SwiGLU's product on ops.silu_mul and the heads into
-    # padded logits rows (engine.frame): every row of a 72-row frame must still give the reference's logits.
+    # Buckets above the MMA kernel's 64 rows run cuBLAS GEMMs and SwiGLU as one GEMM (with SESEME_SILU_MUL=kernel
+    # its product on ops.silu_mul, with SESEME_PADDED_HEADS=1 the heads into padded logits rows): every row of a
+    # 72-row frame must still give the reference's logits.
     ref, _ = gpu_models
     engine = Engine(copy.deepcopy(ref), max_batch=72)
     tokens, mask = prompt(4, 40)

@@ -14,7 +14,7 @@ import torch
 from seseme_cli.model.config import CsmConfig, TransformerConfig
 from seseme_cli.ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append
 from seseme_cli.ops.embedding import embed_codes
-from seseme_cli.ops.linear import linear, swiglu_linear
+from seseme_cli.ops.linear import PADDED_HEADS, linear, swiglu_linear
 from seseme_cli.ops.linear_config import MMA_MAX_N, linear_workspace_bytes
 from seseme_cli.ops.linear_fp8 import linear_fp8, swiglu_linear_fp8
 from seseme_cli.ops.rmsnorm import rms_norm
@@ -91,8 +91,9 @@ class FrameBuffers:
         self.logits = new(B, V)
         # Above the MMA kernel's rows the heads are cuBLAS GEMMs into the logits. Rows of 2051 bf16 logits are not
         # 16-byte aligned, which kept cuBLAS on an old sm75 kernel (39 us per head at 512 rows on an H100,
-        # BENCHMARKS.md run 18b): those buckets write into rows padded to a multiple of 8 (a strided view).
-        self.wide_logits = new(B, -(-V // 8) * 8)[:, :V] if B > MMA_MAX_N else None
+        # BENCHMARKS.md run 18b): those buckets can write into rows padded to a multiple of 8 (a strided view;
+        # opt-in, SESEME_PADDED_HEADS=1, until it has run on a GPU: ops.linear).
+        self.wide_logits = new(B, -(-V // 8) * 8)[:, :V] if B > MMA_MAX_N and PADDED_HEADS else None
         self.codes = new(K, B, dt=torch.long)  # codebook-major: each draw writes one contiguous row
         self.frame_codes = new(B, K, dt=torch.long)  # the finished frame, row-major
         # One zeroed split-K workspace serves every linear call (each call leaves it zeroed again), sized for the
@@ -185,7 +186,8 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     """Generate one frame for rows 0..b-1 into buf.frame_codes[:b] and advance their state by one frame."""
     K, V = buf.codes.shape[0], buf.logits.shape[1]
     temperature, topk, seeds, counters = buf.temperature[:b], buf.topk[:b], buf.seeds[:b], buf.counters[:b]
-    codes, logits = buf.codes[:, :b], (buf.logits if b <= MMA_MAX_N else buf.wide_logits)[:b]
+    wide = b > MMA_MAX_N and buf.wide_logits is not None
+    codes, logits = buf.codes[:, :b], (buf.wide_logits if wide else buf.logits)[:b]
     ws = buf.linear_workspace
     tuning, bb_dim, dd_dim = buf.tuning, buf.backbone.h.shape[1], buf.depth.h.shape[1]
     t_c0 = tuned_config(tuning, "linear", b, V, bb_dim, False)

@@ -43,7 +43,11 @@ from seseme_cli.ops.rmsnorm import rms_norm, rms_norm_ref
 from seseme_cli.ops.silu_mul import silu_mul
 
 Tensor = torch.Tensor
-_TORCH_SILU_MUL = os.environ.get("SESEME_SILU_MUL") == "torch"
+# Two large-batch changes written on 2026-12-07 that have not run on a GPU yet (cuda/NOTES.md), so opt-in until
+# their cuda-marked tests and a `seseme bench` A/B have: SESEME_SILU_MUL=kernel (SwiGLU's product on
+# ops.silu_mul) and SESEME_PADDED_HEADS=1 (GEMMs into out, and the heads into padded logits rows, engine.frame).
+_TORCH_SILU_MUL = os.environ.get("SESEME_SILU_MUL", "torch") != "kernel"
+PADDED_HEADS = os.environ.get("SESEME_PADDED_HEADS") == "1"
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # ---------------------------------------------------------------------------------------------- linear
@@ -71,8 +75,8 @@ def linear_ref(x: Tensor, weight: Tensor, out: Tensor | None = None, residual: T
     _check_args(x, weight, out, residual, config, False, norm_weight, norm_out)
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, norm_eps, out=norm_out)
-    if (x.is_cuda and out is not None and residual is None and x.dim() == 2 and out.dim() == 2 and out.stride(-1) == 1
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if (PADDED_HEADS and x.is_cuda and out is not None and residual is None and x.dim() == 2 and out.dim() == 2
+            and out.stride(-1) == 1 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         # The GEMM straight into out, also a strided out (the engine's padded logits rows): no temporary and copy.
         return torch.mm(x, weight.t(), out=out)
     y = F.linear(x, weight)
@@ -168,12 +172,12 @@ def _swiglu_one_gemm(x: Tensor, weight_gate_up: Tensor, out: Tensor) -> Tensor:
     (one launch and one pass over x instead of two), silu in place on the gate half, the product written straight
     into out. The reference's roundings: gate, up, silu and product each rounded to the dtype. Why: the profile of
     a batch-512 frame (H100, 21.4 ms) showed 563 elementwise kernels (2.5 ms) and 593 device copies (1.6 ms), many
-    of them the two-GEMM reference's product and copy into out. The product is ops.silu_mul: one pass instead of
-    PyTorch's silu in place and a multiply over strided halves (BENCHMARKS.md run 18b: 3.5 ms of a batch-512 frame).
-    silu_mul takes gate and up from the GEMM's (rows, 2f) output."""
+    of them the two-GEMM reference's product and copy into out. PyTorch's silu in place and multiply over the
+    strided halves are 3.5 ms of a batch-512 frame (BENCHMARKS.md run 18b); ops.silu_mul does it in one pass
+    (opt-in, SESEME_SILU_MUL=kernel, until it has run on a GPU)."""
     y = torch.mm(x.reshape(-1, x.shape[-1]), weight_gate_up.t())
     f = weight_gate_up.shape[0] // 2
-    if _TORCH_SILU_MUL:  # SESEME_SILU_MUL=torch: PyTorch's two passes (for A/B timing)
+    if _TORCH_SILU_MUL:  # PyTorch's two passes (SESEME_SILU_MUL=kernel: ops.silu_mul, not yet run on a GPU)
         F.silu(y[:, :f], inplace=True)
         torch.mul(y[:, :f], y[:, f:], out=out.view(-1, f))
     else:
