@@ -4,15 +4,17 @@ Every front end drives this one loop: `tts.generate` / `tts.stream` (one row), `
 from a file), `seseme bench`, and the server (a thread that calls `step()` forever while HTTP requests come and
 go). One `step()`:
 1. takes the requests that arrived and the aborts asked for (both thread-safe), and frees aborted rows;
-2. admits waiting requests into free rows, first come first served: context audio is encoded, the first text
-   chunk's prompt built, and all new prompts are prefilled together right before the frame;
+2. prefills the long texts' next chunks that are waiting (oldest first), then admits waiting requests into free
+   rows, first come first served: context audio is encoded, the first text chunk's prompt built; while rows
+   generate, both stay within `prefill_rows_per_step` prompt rows a step (what does not fit waits for the next
+   step, its prompt kept), and all the step's prompts are prefilled together right before the frame;
 3. runs one frame for every busy row (one CUDA graph replay on a GPU) and copies its codes to pinned host memory
    without waiting;
 4. reads the *previous* frame's codes (its copy finished while this frame ran: the host never waits for the frame
    it just queued, unless a new listener waits for its first frame while few rows run) and, per row: keeps the
    frame, or ends the generation at an all-zero frame (the original's end of speech, dropped) or at the frame limit;
-   a long text's next chunk starts at once in the same row with the spoken chunks as context; a finished request
-   frees its row;
+   a long text's next chunk is queued for step 2 in the same row, with the spoken chunks as context (the row runs
+   on meanwhile, its frames dropped); a finished request frees its row;
 5. now and then hands the new frames to the audio decoder (engine.audio_rounds: one decoder slot per request,
    rounds when some request has enough frames for its next chunk; a listener's chunks grow 1, 1, 2, 4, ... frames).
 A row that ended runs one frame more (the one already queued); its codes are ignored. Idle rows inside the batch

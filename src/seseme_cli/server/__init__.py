@@ -2,6 +2,7 @@
 
 - settings: the limits and options of one server, in one dataclass;
 - service: the engine thread (load, warm up, run_forever, drain) and the door requests come in through;
+- engine_process: the same door with the engine loop in a child process (the default on a GPU), over a pipe;
 - voices: named voices (stored context: Mimi codes + transcript + speaker) and OpenAI's voice names;
 - schemas, plan: the request body as OpenAI defines it (+ seseme's fields), checked into a SpeechRequest;
 - context: inline context audio (base64) decoded into Segments;
