@@ -75,3 +75,11 @@ def pdl_probe(device: torch.device, spin_ns: int = 20_000, in_graph: bool = Fals
         _module.pdl_probe(times.data_ptr(), spin_ns, stream_handle(index))
     first_end, second_start, second_after_wait = times.tolist()
     return {"first_end": first_end, "second_start": second_start, "second_after_wait": second_after_wait}
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors' memory spans (first to last element) intersect: the ops' out-argument checks."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()

@@ -36,7 +36,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
+from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, overlaps, stream_handle
 from seseme_cli.ops.linear_config import (MMA_MAX_N, LinearConfig, as_config, default_config, sm_count,
                                           workspace_bytes)
 from seseme_cli.ops.rmsnorm import rms_norm, rms_norm_ref
@@ -183,13 +183,6 @@ def _swiglu_one_gemm(x: Tensor, weight_gate_up: Tensor, out: Tensor) -> Tensor:
     else:
         silu_mul(y, out.view(-1, f))
     return out
-
-
-def overlaps(a: Tensor, b: Tensor) -> bool:
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def _check_args(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | None,

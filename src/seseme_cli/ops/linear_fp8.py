@@ -25,8 +25,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, stream_handle
-from seseme_cli.ops.linear import check_norm_args, norm_fuses, overlaps
+from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, overlaps, stream_handle
+from seseme_cli.ops.linear import check_norm_args, norm_fuses
 from seseme_cli.ops.linear_config import GEMV_MAX_N, LinearConfig, as_config, config_error, gemv_config, sm_count
 from seseme_cli.ops.rmsnorm import rms_norm, rms_norm_ref
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from seseme_cli.ops.attention import call_kernel
-from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module
+from seseme_cli.ops.kernels import dtype_code, has_cuda_kernels, kernels_module, overlaps
 
 Tensor = torch.Tensor
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -44,7 +44,7 @@ def silu_mul_applies(gate_up: Tensor, out: Tensor) -> bool:
     """Whether the kernel takes these (checked) arguments."""
     return (has_cuda_kernels() and gate_up.is_cuda and out.device == gate_up.device
             and gate_up.dtype in KERNEL_DTYPES and gate_up.is_contiguous() and out.is_contiguous()
-            and not _overlap(gate_up, out)
+            and not overlaps(gate_up, out)
             and not (torch.is_grad_enabled() and gate_up.requires_grad))
 
 
@@ -57,9 +57,3 @@ def _check_args(gate_up: Tensor, out: Tensor | None) -> int:
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     return f
 
-
-def _overlap(a: Tensor, b: Tensor) -> bool:
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
