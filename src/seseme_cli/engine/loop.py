@@ -294,7 +294,7 @@ class SpeechEngine:
         to reach the end of its cache."""
         if not self._continuing:
             return
-        rows = sum(tokens.shape[0] - 1 for _, tokens, *_ in self._pending.values())
+        rows = self._queued_prefill_rows()
         waiting: collections.deque = collections.deque()
         for row, state in self._continuing:
             if self.rows[row] is not state or state.awaiting is None:  # aborted or failed meanwhile
@@ -307,6 +307,10 @@ class SpeechEngine:
             self._start_generation(row, state, gen)
             rows += need
         self._continuing = waiting
+
+    def _queued_prefill_rows(self) -> int:
+        """Prefill rows already queued for this step's prefill (next chunks, parked rows, admitted prompts)."""
+        return sum(tokens.shape[0] - 1 for _, tokens, *_ in self._pending.values())
 
     def _admit_now(self, free: list[int]) -> bool:
         """Whether to prefill waiting requests this step. A prefill is one graph replay (or eager pass) whose
@@ -331,7 +335,7 @@ class SpeechEngine:
         # budget too; and the budget is not overshot: past one prefill chunk the prefill leaves its captured graphs
         # for the eager path, launch-bound and holding the GIL for tens of milliseconds (py-spy at 512 streams,
         # BENCHMARKS.md run 17). Only a step with nothing else to prefill takes one prompt of any size.
-        rows = sum(tokens.shape[0] - 1 for _, tokens, *_ in self._pending.values())
+        rows = self._queued_prefill_rows()
         while (self.waiting and free and (self.audio is None or self.audio.has_free_slot)
                and (budget is None or rows < budget)):
             handle = self.waiting.popleft()
