@@ -88,6 +88,28 @@ def test_engine_teacher_forced_logits_equal_reference_cpu():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_above_64_rows_the_padded_heads_give_the_reference_logits_cpu():
+    # Buckets above 64 rows project the heads from storage padded to a multiple of 8 vocab rows into logits rows of
+    # that width (engine.pack, engine.frame); the model's head parameters are views of that storage.
+    ref, model = models("tiny-random", "cpu", torch.float32)
+    engine = Engine(model, max_batch=66, use_graphs=False)
+    V = model.c0_head.weight.shape[0]
+    c0, heads = engine.weights.c0_head_padded, engine.weights.audio_heads_padded
+    assert c0.shape[0] % 8 == 0 and c0.shape[0] >= V and heads.shape[1] == c0.shape[0]
+    assert model.c0_head.weight.data_ptr() == c0.data_ptr() and model.audio_head.data_ptr() == heads.data_ptr()
+    assert not c0[V:].any() and not heads[:, V:].any()
+    assert Engine(model, max_batch=2, use_graphs=False).weights.c0_head_padded is c0  # a second pack reuses it
+    tokens, mask = prompt(3, 11)
+    forced = torch.randint(1, 2048, (2, K), generator=torch.Generator().manual_seed(0))
+    expected = reference_teacher_forced(ref, tokens, mask, forced)
+    engine.set_rows([(row, tokens, mask, 0.9, 50, row) for row in range(66)])
+    for f, frame in enumerate(forced):
+        teacher = TeacherForcing(frame[:, None])
+        engine.step_teacher_forced(66, teacher)
+        for row in (0, 65):
+            torch.testing.assert_close(torch.stack([l[row] for l in teacher.logits]), expected[f], rtol=1e-4, atol=1e-4)
+
+
 # --- GPU: real kernels, CSM-1B shapes -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -117,11 +139,12 @@ def test_engine_teacher_forced_logits_close_to_reference_gpu(gpu_models):
 @cuda
 @needs_kernels
 def test_above_64_rows_the_teacher_forced_logits_stay_close_to_reference_gpu(gpu_models):
-    # Buckets above the MMA kernel's 64 rows run cuBLAS GEMMs and SwiGLU as one GEMM (with SESEME_SILU_MUL=kernel
-    # its product on ops.silu_mul, with SESEME_PADDED_HEADS=1 the heads into padded logits rows): every row of a
-    # 72-row frame must still give the reference's logits.
+    # Buckets above the MMA kernel's 64 rows run cuBLAS GEMMs (residual added in place), SwiGLU as one GEMM with
+    # its product on ops.silu_mul, and the heads padded to 2056 rows: every row of a 72-row frame must still give
+    # the reference's logits. (The engine gets a model of its own, built like the reference: the fixture's
+    # reference cannot be deep-copied once its caches hold autograd results.)
     ref, _ = gpu_models
-    engine = Engine(copy.deepcopy(ref), max_batch=72)
+    engine = Engine(build_model(load_checkpoint("random", seed=7), torch.device("cuda"), torch.bfloat16), max_batch=72)
     tokens, mask = prompt(4, 40)
     forced = torch.randint(1, 2048, (2, K), generator=torch.Generator().manual_seed(1))
     expected = reference_teacher_forced(ref, tokens, mask, forced)

@@ -339,15 +339,20 @@ def test_swiglu_above_the_kernels_rows_in_one_gemm(n, f, k, dtype):
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("n", [65, 512])
-def test_above_the_kernels_rows_the_gemm_writes_a_strided_out_in_place(n):
-    # The engine's heads above 64 rows: 2051 logits per row written into rows padded to 2056 (engine.frame).
-    x, w, _ = make(n, 2051, 1024, torch.bfloat16, "cuda", seed=n)
-    padded = torch.full((n, 2056), 7.0, dtype=torch.bfloat16, device="cuda")
-    out = padded[:, :2051]
-    assert linear(x, w, out) is out
-    assert torch.equal(padded[:, 2051:], torch.full_like(padded[:, 2051:], 7.0))  # the padding untouched
+def test_above_the_kernels_rows_one_gemm_into_out_with_the_residual_in_place(n):
+    # n > 64: cuBLAS into out (ops.linear._cublas_linear): without a residual, with one, and with out = residual
+    # (the engine's "h = h + W x"), which the GEMM updates in place, rounded once.
+    x, w, r = make(n, 2056, 1024, torch.bfloat16, "cuda", seed=n, residual=True)
+    assert not _kernel_applies(x, w, None, r)
     gold = x.double() @ w.double().T
+    out = torch.full((n, 2056), float("nan"), dtype=torch.bfloat16, device="cuda")
+    assert linear(x, w, out) is out
     assert max_err(out, gold) <= 2 * max_err(F.linear(x, w), gold) + 1e-6
+    assert linear(x, w, out, residual=r) is out
+    assert max_err(out, gold + r.double()) <= 2 * max_err(linear_ref(x, w, residual=r), gold + r.double()) + 1e-6
+    h = r.clone()
+    assert linear(x, w, h, residual=h) is h
+    assert torch.equal(h, out)
 
 
 @pytest.mark.cuda

@@ -14,14 +14,14 @@ import torch
 from seseme_cli.model.config import CsmConfig, TransformerConfig
 from seseme_cli.ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append
 from seseme_cli.ops.embedding import embed_codes
-from seseme_cli.ops.linear import PADDED_HEADS, linear, swiglu_linear
+from seseme_cli.ops.linear import linear, swiglu_linear
 from seseme_cli.ops.linear_config import MMA_MAX_N, linear_workspace_bytes
 from seseme_cli.ops.linear_fp8 import linear_fp8, swiglu_linear_fp8
 from seseme_cli.ops.rmsnorm import rms_norm
 from seseme_cli.ops.short_attention import rope_append_attention, short_attention_fits
 from seseme_cli.ops.sampling import sample_topk_philox
 from seseme_cli.engine.tuning import tuned_config
-from seseme_cli.engine.pack import EngineWeights, Fp8Weight, StackWeights
+from seseme_cli.engine.pack import EngineWeights, Fp8Weight, StackWeights, padded_vocab
 
 # The depth decoder's one-token steps run RoPE + append + attention as one kernel (ops.short_attention's
 # rope_append_attention) where the shape allows; False = the two kernels (for A/B timing).
@@ -89,11 +89,9 @@ class FrameBuffers:
         self.backbone = StackBuffers(cfg.backbone, B, device, dtype)
         self.depth = StackBuffers(cfg.depth, 2 * B, device, dtype)  # depth step 0 has two tokens per row
         self.logits = new(B, V)
-        # Above the MMA kernel's rows the heads are cuBLAS GEMMs into the logits. Rows of 2051 bf16 logits are not
-        # 16-byte aligned, which kept cuBLAS on an old sm75 kernel (39 us per head at 512 rows on an H100,
-        # BENCHMARKS.md run 18b): those buckets can write into rows padded to a multiple of 8 (a strided view;
-        # opt-in, SESEME_PADDED_HEADS=1, until it has run on a GPU: ops.linear).
-        self.wide_logits = new(B, -(-V // 8) * 8)[:, :V] if B > MMA_MAX_N and PADDED_HEADS else None
+        # Above the MMA kernel's rows the heads are cuBLAS GEMMs of the padded heads (pack.EngineWeights) into
+        # logits rows of the padded width; sampling reads their first V columns.
+        self.wide_logits = new(B, padded_vocab(V)) if B > MMA_MAX_N else None
         self.codes = new(K, B, dt=torch.long)  # codebook-major: each draw writes one contiguous row
         self.frame_codes = new(B, K, dt=torch.long)  # the finished frame, row-major
         # One zeroed split-K workspace serves every linear call (each call leaves it zeroed again), sized for the
@@ -186,13 +184,18 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     """Generate one frame for rows 0..b-1 into buf.frame_codes[:b] and advance their state by one frame."""
     K, V = buf.codes.shape[0], buf.logits.shape[1]
     temperature, topk, seeds, counters = buf.temperature[:b], buf.topk[:b], buf.seeds[:b], buf.counters[:b]
-    wide = b > MMA_MAX_N and buf.wide_logits is not None
-    codes, logits = buf.codes[:, :b], (buf.wide_logits if wide else buf.logits)[:b]
+    codes = buf.codes[:, :b]
     ws = buf.linear_workspace
     tuning, bb_dim, dd_dim = buf.tuning, buf.backbone.h.shape[1], buf.depth.h.shape[1]
-    t_c0 = tuned_config(tuning, "linear", b, V, bb_dim, False)
     t_proj = tuned_config(tuning, "linear", b, dd_dim, bb_dim, False)
-    t_head = tuned_config(tuning, "linear", b, V, dd_dim, False)
+    if b > MMA_MAX_N:  # cuBLAS GEMMs of the padded heads into rows of the padded vocab (pack.EngineWeights)
+        heads_out, c0_head, audio_heads = buf.wide_logits[:b], w.c0_head_padded, w.audio_heads_padded
+        t_c0 = t_head = {}  # no kernel runs above MMA_MAX_N rows, so no launch config
+    else:
+        heads_out, c0_head, audio_heads = buf.logits[:b], w.c0_head, w.audio_heads
+        t_c0 = tuned_config(tuning, "linear", b, V, bb_dim, False)
+        t_head = tuned_config(tuning, "linear", b, V, dd_dim, False)
+    logits = heads_out[:, :V]
     t_sample = tuned_config(tuning, "sampling", b, V)
     q8 = w.fp8  # None unless the weights are packed as fp8
 
@@ -212,7 +215,7 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
 
     # Backbone: one position per row, then codebook 0, whose embedding is the depth decoder's second token.
     hidden = run_stack(w.backbone, buf.backbone, b, buf.positions[:b], buf.lengths[:b], buf.rows[:b], ws, tuning)
-    project(hidden, w.c0_head, q8 and q8.c0_head, logits, ws, t_c0)
+    project(hidden, c0_head, q8 and q8.c0_head, heads_out, ws, t_c0)
     sample(0, buf.depth.h[b : 2 * b])
 
     # Depth decoder step 0: [backbone state, embedding of codebook 0] at positions 0 and 1.
@@ -221,7 +224,7 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     d, dn = w.depth, buf.depth.xn
     out = run_stack(d, buf.depth, 2 * b, sched.first_positions, sched.first_lengths, sched.first_rows, ws, tuning,
                     final_norm=False)
-    project(out[b:], w.audio_heads[0], q8 and q8.audio_heads[0], logits, ws, t_head, norm_weight=d.norm,
+    project(out[b:], audio_heads[0], q8 and q8.audio_heads[0], heads_out, ws, t_head, norm_weight=d.norm,
             norm_eps=d.eps, norm_out=dn[b : 2 * b])
     sample(1, buf.depth.h[:b])
 
@@ -229,7 +232,7 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     for i in range(2, K):
         out = run_stack(d, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows, ws, tuning,
                         one_token_per_cache_row=True, final_norm=False)
-        project(out, w.audio_heads[i - 1], q8 and q8.audio_heads[i - 1], logits, ws, t_head, norm_weight=d.norm,
+        project(out, audio_heads[i - 1], q8 and q8.audio_heads[i - 1], heads_out, ws, t_head, norm_weight=d.norm,
                 norm_eps=d.eps, norm_out=dn[:b])
         sample(i, buf.depth.h[:b] if i < K - 1 else None)
 

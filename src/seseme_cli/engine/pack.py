@@ -1,7 +1,8 @@
 """Weights in the layouts the decode kernels read, shared with the reference model (never held twice).
 
 q/k/v become one (q+2kv, dim) matrix and gate/up one (2*ffn, dim) matrix so each is one GEMV; the depth
-decoder's 31 heads are stored (31, vocab, dim) so every head is an ordinary row-major linear. The reference
+decoder's 31 heads are stored (31, vocab, dim) so every head is an ordinary row-major linear, in storage whose
+vocab is padded with zero rows to a multiple of 8 (EngineWeights.audio_heads_padded, for large batches). The reference
 model's parameters are re-pointed at views of these tensors, so its prefill and the engine see the same memory.
 
 fp8 weights (`pack(model, "fp8")`): every projection (attention, MLP, codebook-0 head, projection, depth heads) is
@@ -86,12 +87,29 @@ class EngineWeights:
     depth: StackWeights
     c0_head: torch.Tensor  # (vocab, dim)
     projection: torch.Tensor  # (depth dim, dim)
-    audio_heads: torch.Tensor  # (K-1, vocab, depth dim)
+    audio_heads: torch.Tensor  # (K-1, vocab, depth dim), a view of audio_heads_padded
     audio_embed: torch.Tensor  # (K * vocab, dim)
     depth_audio_embed: torch.Tensor  # (K * vocab, dim)
     projected_embed: torch.Tensor  # (K * vocab, depth dim) = projection(depth_audio_embed), one row per code
+    # The heads' storage with the vocab padded by zero rows to a multiple of 8 (padded_vocab): above the MMA
+    # kernel's rows each head is one cuBLAS GEMM into logits rows of that width, which keeps every row 16-byte
+    # aligned (2051-wide rows kept cuBLAS on an old sm75 kernel, 39 us a head at 512 rows on an H100, run 18b).
+    c0_head_padded: torch.Tensor | None = None  # (padded vocab, dim)
+    audio_heads_padded: torch.Tensor | None = None  # (K-1, padded vocab, depth dim)
     fp8: HeadsFp8 | None = None  # weights="fp8": the heads and the projection in e4m3
     format: str = "bf16"  # one of WEIGHT_FORMATS
+
+
+def padded_vocab(vocab: int) -> int:
+    return -(-vocab // 8) * 8
+
+
+def _padded_rows(weight: torch.Tensor) -> torch.Tensor:
+    """weight (..., vocab, dim) copied into zeroed storage of padded_vocab rows (its first vocab rows)."""
+    *lead, vocab, dim = weight.shape
+    storage = weight.new_zeros(*lead, padded_vocab(vocab), dim)
+    storage[..., :vocab, :] = weight
+    return storage
 
 
 def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
@@ -178,17 +196,28 @@ def pack(model: CsmModel, weights: str = "bf16") -> EngineWeights:
         raise ValueError("this model's weights were quantized to fp8 by an earlier engine (weights='fp8'); "
                          "load the model again to run it in bf16")
     with torch.no_grad():
-        heads = model.audio_head.detach().transpose(1, 2).contiguous()
-        model.audio_head = nn.Parameter(heads.transpose(1, 2), requires_grad=False)
+        vocab = model.c0_head.weight.shape[0]
+        stored = getattr(model, "padded_heads", None)
+        if stored is None or (stored[0].data_ptr(), stored[1].data_ptr()) != (model.c0_head.weight.data_ptr(),
+                                                                                model.audio_head.data_ptr()):
+            # Once per model (its head parameters become views of the padded storage; a later pack reuses it).
+            heads = _padded_rows(model.audio_head.detach().transpose(1, 2))
+            c0 = _padded_rows(model.c0_head.weight.detach())
+            model.audio_head = nn.Parameter(heads[:, :vocab].transpose(1, 2), requires_grad=False)
+            model.c0_head.weight = nn.Parameter(c0[:vocab], requires_grad=False)
+            model.padded_heads = (c0, heads)
+        c0, heads = model.padded_heads
         packed = EngineWeights(
             backbone=_pack_stack(model.backbone),
             depth=_pack_stack(model.depth),
             c0_head=model.c0_head.weight.detach(),
             projection=model.projection.weight.detach(),
-            audio_heads=heads,
+            audio_heads=heads[:, :vocab],
             audio_embed=model.audio_embed.weight.detach(),
             depth_audio_embed=model.depth_audio_embed.weight.detach(),
             projected_embed=None,
+            c0_head_padded=c0,
+            audio_heads_padded=heads,
         )
         if weights == "fp8":
             if weight_format(model) != "fp8":

@@ -31,7 +31,6 @@ norm_out, so no path allocates. norm_out is required (x's shape and dtype, not o
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +42,6 @@ from seseme_cli.ops.rmsnorm import rms_norm, rms_norm_ref
 from seseme_cli.ops.silu_mul import silu_mul
 
 Tensor = torch.Tensor
-# Two large-batch changes written on 2026-12-07 that have not run on a GPU yet (cuda/NOTES.md), so opt-in until
-# their cuda-marked tests and a `seseme bench` A/B have: SESEME_SILU_MUL=kernel (SwiGLU's product on
-# ops.silu_mul) and SESEME_PADDED_HEADS=1 (GEMMs into out, and the heads into padded logits rows, engine.frame).
-_TORCH_SILU_MUL = os.environ.get("SESEME_SILU_MUL", "torch") != "kernel"
-PADDED_HEADS = os.environ.get("SESEME_PADDED_HEADS") == "1"
-
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # ---------------------------------------------------------------------------------------------- linear
 
@@ -75,10 +68,6 @@ def linear_ref(x: Tensor, weight: Tensor, out: Tensor | None = None, residual: T
     _check_args(x, weight, out, residual, config, False, norm_weight, norm_out)
     if norm_weight is not None:
         x = rms_norm_ref(x, norm_weight, norm_eps, out=norm_out)
-    if (PADDED_HEADS and x.is_cuda and out is not None and residual is None and x.dim() == 2 and out.dim() == 2
-            and out.stride(-1) == 1 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        # The GEMM straight into out, also a strided out (the engine's padded logits rows): no temporary and copy.
-        return torch.mm(x, weight.t(), out=out)
     y = F.linear(x, weight)
     if residual is not None:
         y = residual + y
@@ -131,9 +120,14 @@ def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | 
         rms_norm(x, norm_weight, norm_eps, out=norm_out)
         return _dispatch(norm_out, weight, out, residual, cfg, workspace, swiglu)
     if not applies:
-        if swiglu and n > MMA_MAX_N and x.is_cuda and out is not None and out.is_contiguous() \
+        if n > MMA_MAX_N and x.is_cuda and out is not None and out.is_contiguous() \
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            return _swiglu_one_gemm(x, weight, out)
+            if swiglu:
+                return _swiglu_one_gemm(x, weight, out)
+            # Above the kernel's rows: cuBLAS straight into out, the residual added by the GEMM itself (beta = 1),
+            # rounded once as the kernels round; the reference's separate add and copy into out were ~1.2 ms of
+            # elementwise and copy kernels in a batch-512 frame (BENCHMARKS.md run 19).
+            return _cublas_linear(x, weight, out, residual)
         if swiglu:
             return swiglu_linear_ref(x, weight, out, cfg)
         return linear_ref(x, weight, out, residual, cfg)
@@ -149,12 +143,7 @@ def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | 
         raise ValueError(f"linear: config {cfg} splits K and needs a zeroed workspace of >= {need} bytes "
                          f"(linear_workspace), got {ws_bytes}")
     if cfg.kernel == "torch":
-        x2, out2 = x.view(n, k), out.view(n, m)
-        if residual is None:
-            torch.mm(x2, weight.t(), out=out2)
-        else:
-            torch.addmm(residual.view(n, m), x2, weight.t(), out=out2)  # out may be residual: beta = 1 in place
-        return out
+        return _cublas_linear(x, weight, out, residual)
     index = x.device.index
     args = (out.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if residual is None else residual.data_ptr(),
             ws_ptr, ws_bytes, n, m, k, swiglu, dtype_code(x.dtype), *cfg.codes(), stream_handle(index),
@@ -167,21 +156,27 @@ def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | 
     return out
 
 
+def _cublas_linear(x: Tensor, weight: Tensor, out: Tensor, residual: Tensor | None) -> Tensor:
+    """out = x @ weight.T (+ residual) as one cuBLAS call into out (contiguous), fp32 accumulation, rounded once."""
+    n, k, m = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
+    x2, out2 = x.reshape(n, k), out.view(n, m)
+    if residual is None:
+        torch.mm(x2, weight.t(), out=out2)
+    else:
+        torch.addmm(residual.reshape(n, m), x2, weight.t(), out=out2)  # out may be residual: beta = 1 in place
+    return out
+
+
 def _swiglu_one_gemm(x: Tensor, weight_gate_up: Tensor, out: Tensor) -> Tensor:
     """SwiGLU above the MMA kernel's rows (prefill chunks, batches > 64): one cuBLAS GEMM for gate and up together
     (one launch and one pass over x instead of two), silu in place on the gate half, the product written straight
     into out. The reference's roundings: gate, up, silu and product each rounded to the dtype. Why: the profile of
     a batch-512 frame (H100, 21.4 ms) showed 563 elementwise kernels (2.5 ms) and 593 device copies (1.6 ms), many
     of them the two-GEMM reference's product and copy into out. PyTorch's silu in place and multiply over the
-    strided halves are 3.5 ms of a batch-512 frame (BENCHMARKS.md run 18b); ops.silu_mul does it in one pass
-    (opt-in, SESEME_SILU_MUL=kernel, until it has run on a GPU)."""
+    strided halves were 3.5 ms of a batch-512 frame (BENCHMARKS.md run 18b); ops.silu_mul does both in one pass
+    (20.3 -> 18.0 ms per batch-512 step on an H100, run 19)."""
     y = torch.mm(x.reshape(-1, x.shape[-1]), weight_gate_up.t())
-    f = weight_gate_up.shape[0] // 2
-    if _TORCH_SILU_MUL:  # PyTorch's two passes (SESEME_SILU_MUL=kernel: ops.silu_mul, not yet run on a GPU)
-        F.silu(y[:, :f], inplace=True)
-        torch.mul(y[:, :f], y[:, f:], out=out.view(-1, f))
-    else:
-        silu_mul(y, out.view(-1, f))
+    silu_mul(y, out.view(-1, weight_gate_up.shape[0] // 2))
     return out
 
 
