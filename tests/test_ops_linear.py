@@ -303,7 +303,8 @@ def test_kernel_model_shapes(n):
 @cuda
 def test_fallbacks_to_reference():
     g = torch.Generator().manual_seed(5)
-    # k % 8 != 0, x not 16-byte aligned, fp32, n > 64: the reference runs, with the same result
+    # k % 8 != 0, x not 16-byte aligned, fp32: the reference runs, with the same result (n > 64 into an out is one
+    # cuBLAS call instead, rounded once: test_above_the_kernels_rows_one_gemm_into_out_with_the_residual_in_place)
     cases = []
     x, w, r = make(3, 100, 1001, torch.bfloat16, "cuda", residual=True)
     cases.append((x, w, r))
@@ -311,8 +312,6 @@ def test_fallbacks_to_reference():
     x_unaligned = buf[1:].view(4, 1024)
     cases.append((x_unaligned, make(4, 50, 1024, torch.bfloat16, "cuda")[1], None))
     cases.append(make(3, 100, 1024, torch.float32, "cuda", residual=True))
-    cases.append(make(65, 100, 1024, torch.bfloat16, "cuda", residual=True))
-    cases.append(make(200, 300, 1024, torch.float16, "cuda", residual=True))
     for x, w, r in cases:
         assert not _kernel_applies(x, w, None, r)
         out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device="cuda")
