@@ -124,8 +124,8 @@ def _dispatch(x: Tensor, weight: Tensor, out: Tensor | None, residual: Tensor | 
             if swiglu:
                 return _swiglu_one_gemm(x, weight, out)
             # Above the kernel's rows: cuBLAS straight into out, the residual added by the GEMM itself (beta = 1),
-            # rounded once as the kernels round; the reference's separate add and copy into out were ~1.2 ms of
-            # elementwise and copy kernels in a batch-512 frame (BENCHMARKS.md runs 18b, 19).
+            # rounded once as the kernels round. The reference's separate add and copy into out were most of the
+            # 283 elementwise kernels and 280 copies (0.70 + 0.54 ms) of a batch-512 frame (BENCHMARKS.md run 19).
             return _cublas_linear(x, weight, out, residual)
         if swiglu:
             return swiglu_linear_ref(x, weight, out, cfg)
