@@ -91,7 +91,7 @@ class FrameBuffers:
         self.logits = new(B, V)
         # Above the MMA kernel's rows the heads are cuBLAS GEMMs of the padded heads (pack.EngineWeights) into
         # logits rows of the padded width; sampling reads their first V columns.
-        self.wide_logits = new(B, padded_vocab(V)) if B > MMA_MAX_N else None
+        self.padded_logits = new(B, padded_vocab(V)) if B > MMA_MAX_N else None
         self.codes = new(K, B, dt=torch.long)  # codebook-major: each draw writes one contiguous row
         self.frame_codes = new(B, K, dt=torch.long)  # the finished frame, row-major
         # One zeroed split-K workspace serves every linear call (each call leaves it zeroed again), sized for the
@@ -189,7 +189,7 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     tuning, bb_dim, dd_dim = buf.tuning, buf.backbone.h.shape[1], buf.depth.h.shape[1]
     t_proj = tuned_config(tuning, "linear", b, dd_dim, bb_dim, False)
     if b > MMA_MAX_N:  # cuBLAS GEMMs of the padded heads into rows of the padded vocab (pack.EngineWeights)
-        heads_out, c0_head, audio_heads = buf.wide_logits[:b], w.c0_head_padded, w.audio_heads_padded
+        heads_out, c0_head, audio_heads = buf.padded_logits[:b], w.c0_head_padded, w.audio_heads_padded
         t_c0 = t_head = {}  # no kernel runs above MMA_MAX_N rows, so no launch config
     else:
         heads_out, c0_head, audio_heads = buf.logits[:b], w.c0_head, w.audio_heads

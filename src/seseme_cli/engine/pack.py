@@ -2,8 +2,9 @@
 
 q/k/v become one (q+2kv, dim) matrix and gate/up one (2*ffn, dim) matrix so each is one GEMV; the depth
 decoder's 31 heads are stored (31, vocab, dim) so every head is an ordinary row-major linear, in storage whose
-vocab is padded with zero rows to a multiple of 8 (EngineWeights.audio_heads_padded, for large batches). The reference
-model's parameters are re-pointed at views of these tensors, so its prefill and the engine see the same memory.
+vocab is padded with zero rows to a multiple of 8 (EngineWeights.audio_heads_padded, for large batches). The
+reference model's parameters are re-pointed at views of these tensors, so its prefill and the engine see the same
+memory.
 
 fp8 weights (`pack(model, "fp8")`): every projection (attention, MLP, codebook-0 head, projection, depth heads) is
 quantized to e4m3 with an fp32 scale per output channel (ops.linear_fp8.quantize_fp8), and the model's bf16
@@ -101,6 +102,7 @@ class EngineWeights:
 
 
 def padded_vocab(vocab: int) -> int:
+    """vocab rounded up to a multiple of 8 (16 bytes of bf16)."""
     return -(-vocab // 8) * 8
 
 
@@ -110,6 +112,22 @@ def _padded_rows(weight: torch.Tensor) -> torch.Tensor:
     storage = weight.new_zeros(*lead, padded_vocab(vocab), dim)
     storage[..., :vocab, :] = weight
     return storage
+
+
+def _padded_heads(model: CsmModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """The heads' padded storage (c0 (padded vocab, dim), depth heads (K-1, padded vocab, depth dim)), made once
+    per model: its head parameters become views of the first vocab rows, so a later pack finds them in place."""
+    stored = getattr(model, "padded_heads", None)
+    in_place = stored is not None and (stored[0].data_ptr(), stored[1].data_ptr()) == (
+        model.c0_head.weight.data_ptr(), model.audio_head.data_ptr())
+    if not in_place:  # first pack, or the parameters were replaced since
+        vocab = model.c0_head.weight.shape[0]
+        heads = _padded_rows(model.audio_head.detach().transpose(1, 2))
+        c0 = _padded_rows(model.c0_head.weight.detach())
+        model.audio_head = nn.Parameter(heads[:, :vocab].transpose(1, 2), requires_grad=False)
+        model.c0_head.weight = nn.Parameter(c0[:vocab], requires_grad=False)
+        model.padded_heads = (c0, heads)
+    return model.padded_heads
 
 
 def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
@@ -196,17 +214,8 @@ def pack(model: CsmModel, weights: str = "bf16") -> EngineWeights:
         raise ValueError("this model's weights were quantized to fp8 by an earlier engine (weights='fp8'); "
                          "load the model again to run it in bf16")
     with torch.no_grad():
+        c0, heads = _padded_heads(model)
         vocab = model.c0_head.weight.shape[0]
-        stored = getattr(model, "padded_heads", None)
-        if stored is None or (stored[0].data_ptr(), stored[1].data_ptr()) != (model.c0_head.weight.data_ptr(),
-                                                                                model.audio_head.data_ptr()):
-            # Once per model (its head parameters become views of the padded storage; a later pack reuses it).
-            heads = _padded_rows(model.audio_head.detach().transpose(1, 2))
-            c0 = _padded_rows(model.c0_head.weight.detach())
-            model.audio_head = nn.Parameter(heads[:, :vocab].transpose(1, 2), requires_grad=False)
-            model.c0_head.weight = nn.Parameter(c0[:vocab], requires_grad=False)
-            model.padded_heads = (c0, heads)
-        c0, heads = model.padded_heads
         packed = EngineWeights(
             backbone=_pack_stack(model.backbone),
             depth=_pack_stack(model.depth),

@@ -169,11 +169,11 @@ def _cublas_linear(x: Tensor, weight: Tensor, out: Tensor, residual: Tensor | No
 def _swiglu_one_gemm(x: Tensor, weight_gate_up: Tensor, out: Tensor) -> Tensor:
     """SwiGLU above the MMA kernel's rows (prefill chunks, batches > 64): one cuBLAS GEMM for gate and up together
     (one launch and one pass over x instead of two), then silu of the gate half times the up half in one pass
-    (ops.silu_mul) straight into out. The reference's roundings: gate, up, silu and product each rounded to the dtype. Why: the profile of
-    a batch-512 frame (H100, 21.4 ms) showed 563 elementwise kernels (2.5 ms) and 593 device copies (1.6 ms), many
-    of them the two-GEMM reference's product and copy into out. PyTorch's silu in place and multiply over the
-    strided halves were 3.5 ms of a batch-512 frame (BENCHMARKS.md run 18b); ops.silu_mul does both in one pass
-    (20.3 -> 18.0 ms per batch-512 step on an H100, run 19a)."""
+    (ops.silu_mul) straight into out. The reference's roundings: gate, up, silu and product each rounded to the
+    dtype. Why: the profile of a batch-512 frame (H100, 21.4 ms) showed 563 elementwise kernels (2.5 ms) and 593
+    device copies (1.6 ms), many of them the two-GEMM reference's product and copy into out. PyTorch's silu in
+    place and multiply over the strided halves were 3.5 ms of a batch-512 frame (BENCHMARKS.md run 18b);
+    ops.silu_mul does both in one pass (20.3 -> 18.0 ms per batch-512 step on an H100, run 19a)."""
     y = torch.mm(x.reshape(-1, x.shape[-1]), weight_gate_up.t())
     silu_mul(y, out.view(-1, weight_gate_up.shape[0] // 2))
     return out
