@@ -10,6 +10,9 @@
 //   2. softmax: warp t normalises query t's scores in place (a query with no key: all weights 0).
 //   3. values: each group accumulates weight * row into T float4s; reduced over the warp's groups by shuffles,
 //      then over the warps through shared memory.
+// A key row that no query attends is never read, nor a value row whose weights are all 0: a stream's ring is only
+// as full as the audio it has decoded (a 4 s stream has filled 100 of its 250 slots), and the reads are the
+// kernel's whole cost. It also keeps whatever an unfilled slot holds (even NaN) out of the result.
 #include "masked_attention.cuh"
 #include "launch.cuh"
 
@@ -65,15 +68,21 @@ __global__ void __launch_bounds__(kMaskedAttnThreads) masked_attention_kernel(Ma
     // 1. scores (the bound is uniform across the warp: every lane takes part in the shuffles)
     for (int c0 = warp * G; c0 < C; c0 += kRowsPerPass) {
         const int c = c0 + group;
-        const bool ok = c < C;
-        const float4 kr = ok ? *reinterpret_cast<const float4*>(k + c * a.k_s[2]) : make_float4(0.f, 0.f, 0.f, 0.f);
+        bool attends[kT];  // uniform over the group's lanes (one row), so the load below is too
+        bool any = false;
+#pragma unroll
+        for (int t = 0; t < kT; t++) {
+            attends[t] = t < T && c < C && mask[t * a.mask_s[2] + c * a.mask_s[3]];
+            any |= attends[t];
+        }
+        const float4 kr = any ? *reinterpret_cast<const float4*>(k + c * a.k_s[2]) : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
         for (int t = 0; t < kT; t++) {
             if (t >= T) break;
             float s = dot4(qf[t], kr);
 #pragma unroll
             for (int off = L / 2; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-            if (ok && sub == 0) scores[t * C + c] = mask[t * a.mask_s[2] + c * a.mask_s[3]] ? s : -INFINITY;
+            if (c < C && sub == 0) scores[t * C + c] = attends[t] ? s : -INFINITY;
         }
     }
     __syncthreads();
@@ -103,15 +112,22 @@ __global__ void __launch_bounds__(kMaskedAttnThreads) masked_attention_kernel(Ma
 #pragma unroll
     for (int t = 0; t < kT; t++) acc[t] = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int c = warp * G + group; c < C; c += kRowsPerPass) {
+        float w[kT];
+        bool any = false;
+#pragma unroll
+        for (int t = 0; t < kT; t++) {
+            w[t] = t < T ? scores[t * C + c] : 0.f;
+            any |= w[t] != 0.f;
+        }
+        if (!any) continue;  // no shuffles in this loop, so a group may skip its row alone
         const float4 vr = *reinterpret_cast<const float4*>(v + c * a.v_s[2]);
 #pragma unroll
         for (int t = 0; t < kT; t++) {
             if (t >= T) break;
-            const float w = scores[t * C + c];
-            acc[t].x += w * vr.x;
-            acc[t].y += w * vr.y;
-            acc[t].z += w * vr.z;
-            acc[t].w += w * vr.w;
+            acc[t].x += w[t] * vr.x;
+            acc[t].y += w[t] * vr.y;
+            acc[t].z += w[t] * vr.z;
+            acc[t].w += w[t] * vr.w;
         }
     }
 #pragma unroll

@@ -6,7 +6,11 @@ CUDA events around 12 replays after a warm-up, on the decoder's own stream.
 kernels inside a graph). SESEME_MIMI_ATTENTION=torch: Mimi's attention on PyTorch's kernel (audio.mimi_attention).
 --bf16: the same with Mimi's weights and streaming state in bf16 (its attention then on PyTorch's kernel), after the
 fp32 run, and the SNR of the bf16 audio against the fp32 audio of the same codes, all slots.
-Usage: python scripts/mimi_probe.py [slots] [--cudnn-benchmark] [--profile] [--bf16]   (576: a 512-row engine's slots)"""
+--history=F: before each bucket's timing, every slot starts over and decodes F frames (untimed), so the timed frames
+attend a ring that F frames filled (2 steps a frame, 250 slots: full from 125); without it the slots carry on
+from the buckets before.
+Usage: python scripts/mimi_probe.py [slots] [--cudnn-benchmark] [--profile] [--bf16] [--history=F]
+(576: a 512-row engine's slots)"""
 import sys
 
 import torch
@@ -21,16 +25,29 @@ codec = MimiCodec.random("full", device="cuda")
 K, frames = codec.num_codebooks, 12
 torch.manual_seed(0)
 codes = torch.randint(0, codec.cardinality, (slots, K, frames), device="cuda")
+history = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--history=")), None)
+
+
+def start_over_with_history(decode, m):
+    """Every slot starts over, then the first m decode `history` frames, 12 at a time (graphed rounds)."""
+    start_over = torch.ones(slots, dtype=torch.bool, device="cuda")
+    done = 0
+    while done < max(history, 1):
+        n = min(frames, max(history, 1) - done)
+        decode(codes[:m, :, :n], start_over if done == 0 else None, None)
+        done += n
 
 
 def probe(codec, label):
     with streaming_decoder(codec, slots, 1) as (decode, graphed):
         print(f"{label}, slots {slots}: graphed {graphed}; attention on ops.masked_attention "
               f"{getattr(decode, 'kernel_attention', False)}; cudnn.benchmark {torch.backends.cudnn.benchmark}; "
-              f"buckets {slot_buckets(slots)}", flush=True)
+              f"history {history} frames; buckets {slot_buckets(slots)}", flush=True)
         stream = torch.cuda.current_stream()
         for m in slot_buckets(slots):
             decode(codes[:m, :, :2], None, None)  # warm
+            if history is not None:
+                start_over_with_history(decode, m)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
             decode(codes[:m], None, None)

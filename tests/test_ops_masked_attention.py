@@ -33,6 +33,28 @@ def test_the_reference_is_pytorchs_attention_and_a_query_without_keys_gets_zeros
     assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0])) and torch.isfinite(out).all()
 
 
+def unattended_rows_hold_nan(k, v, mask):
+    """k and v with NaN in every key row that no query of its (batch, head) attends, and the same with zeros."""
+    B, H, C = k.shape[0], k.shape[1], k.shape[2]
+    unread = ~mask.expand(B, H, mask.shape[2], C).any(dim=2).unsqueeze(-1)
+    assert unread.any() and not unread.all()
+    return k.masked_fill(unread, float("nan")), v.masked_fill(unread, float("nan")), k.masked_fill(unread, 0), \
+        v.masked_fill(unread, 0)
+
+
+def test_the_reference_never_reads_a_key_no_query_attends():
+    """An unfilled ring slot may hold anything: NaN there changes nothing, while a NaN in an attended row shows."""
+    q, k, v, mask = inputs(3, 2, 2, 40, 16, seed=5)
+    mask[:, :, :, 20:] = False  # the ring's second half is unfilled
+    mask[0, 0, 0, 0] = True
+    nan_k, nan_v, zero_k, zero_v = unattended_rows_hold_nan(k, v, mask)
+    out = masked_attention_ref(q, nan_k, nan_v, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, masked_attention_ref(q, zero_k, zero_v, mask), rtol=0, atol=0)
+    nan_v[0, 0, 0] = float("nan")  # a row that query 0 attends
+    assert not torch.isfinite(masked_attention_ref(q, nan_k, nan_v, mask)[0, 0, 0]).any()
+
+
 def test_on_the_cpu_the_op_is_its_reference_and_writes_out():
     q, k, v, mask = inputs(2, 3, 4, 9, 32)
     out = torch.full((2, 3, 4, 32), float("nan"))
@@ -78,6 +100,21 @@ def test_kernel_matches_an_fp64_reference(B, H, T, C, D, mask_heads):
     assert out.dtype == torch.float32 and out.shape == (B, H, T, D)
     torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=2e-5)
     assert torch.equal(out[0, :, 0], torch.zeros_like(out[0, :, 0]))
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("B,H,T,C,D", [(5, 8, 2, 250, 64), (3, 2, 3, 37, 128), (2, 3, 4, 1000, 32)])
+def test_kernel_skips_the_rows_no_query_attends(B, H, T, C, D):
+    """A stream's ring is partly filled (keys beyond its audio masked, whole rows and scattered ones): the kernel
+    does not read those rows, so NaN there gives the result of zeros, equal to the fp64 reference."""
+    q, k, v, mask = inputs(B, H, T, C, D, "cuda", seed=C + D, mask_heads=H)
+    mask[:, :, :, C // 3:] &= torch.rand(B, H, 1, C - C // 3, device="cuda") < 0.2  # mostly unfilled tail
+    nan_k, nan_v, zero_k, zero_v = unattended_rows_hold_nan(k, v, mask)
+    out = masked_attention(q, nan_k, nan_v, mask)
+    assert torch.isfinite(out).all()
+    expected = masked_attention_ref(q.double(), zero_k.double(), zero_v.double(), mask)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.cuda

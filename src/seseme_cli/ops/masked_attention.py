@@ -28,7 +28,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
 
     q (B, H, T, D); k, v (B, H, C, D); mask bool, broadcastable to (B, H, T, C), True where a query attends a key;
     scale defaults to D ** -0.5 (as in `F.scaled_dot_product_attention`). A query that attends no key gets zeros
-    (PyTorch's attention gives NaN there). out: optional result tensor (B, H, T, D), written.
+    (PyTorch's attention gives NaN there), and a key that no query attends is not read, so what it holds (an
+    unfilled ring slot, even NaN) never reaches the result. out: optional result tensor (B, H, T, D), written.
 
     The kernel runs for fp32 CUDA tensors (mask on the same device) with D in (32, 64, 128), T <= 4, 1 <= C <=
     1024, the last dimension contiguous and 16-byte aligned rows (strides multiples of 4), outside autograd; it
@@ -53,6 +54,8 @@ def masked_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: f
     """`masked_attention` in plain PyTorch: same signature and semantics."""
     B, H, T, C, D = check_masked_attention_args(q, k, v, mask, out)
     scale = D ** -0.5 if scale is None else float(scale)
+    unread = ~mask.expand(B, H, T, C).any(dim=2).unsqueeze(-1)  # (B, H, C, 1): keys no query attends
+    k, v = k.masked_fill(unread, 0), v.masked_fill(unread, 0)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)  # no key: 0
     y = torch.matmul(weights, v.float()).to(q.dtype)
