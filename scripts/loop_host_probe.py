@@ -5,8 +5,11 @@ on a GPU it runs while the frame runs, and in the server it shares the GIL with 
 --staggered: a server's workload instead of one wave: requests of 1-10 s, each replaced by a new one when it
 ends, so rows are at every phase of their chunks; it also counts the audio events handed to listeners per step
 (in a server each is a wake-up of the HTTP side).
-Usage: python scripts/loop_host_probe.py [B] [--staggered] [--profile]"""
+The collector is set as the server sets it after set-up (engine.collector.freeze_after_setup) unless --default-gc;
+--gc reports the time the cyclic garbage collector took per timed step and its longest pause (gc.callbacks).
+Usage: python scripts/loop_host_probe.py [B] [--staggered] [--profile] [--gc] [--default-gc]"""
 import cProfile
+import gc
 import pstats
 import sys
 import time
@@ -59,6 +62,25 @@ for _ in range(B):
 for _ in range(20 if not staggered else 300):  # admission and the first chunks (staggered: rows at every phase)
     engine.step()
 events.update(audio=0, end=0)
+if "--default-gc" not in sys.argv:
+    from seseme_cli.engine.collector import freeze_after_setup
+
+    freeze_after_setup()
+collections = {"seconds": 0.0, "longest": 0.0, "count": 0, "since": 0.0}
+
+
+def timed_collection(phase, info) -> None:
+    if phase == "start":
+        collections["since"] = time.perf_counter()
+        return
+    took = time.perf_counter() - collections["since"]
+    collections["seconds"] += took
+    collections["longest"] = max(collections["longest"], took)
+    collections["count"] += 1
+
+
+if "--gc" in sys.argv:
+    gc.callbacks.append(timed_collection)
 profile = cProfile.Profile() if "--profile" in sys.argv else None
 start = time.perf_counter()
 if profile:
@@ -70,5 +92,9 @@ if profile:
 seconds = (time.perf_counter() - start) / STEPS
 print(f"B = {B}{' staggered' if staggered else ''}: {seconds * 1e3:.2f} ms of host time per step, "
       f"{engine.active_rows} rows busy, {events['audio'] / STEPS:.1f} audio events per step")
+if "--gc" in sys.argv:
+    print(f"collector ({'defaults' if '--default-gc' in sys.argv else 'frozen after set-up'}, thresholds "
+          f"{gc.get_threshold()}): {collections['seconds'] * 1e3 / STEPS:.2f} ms per step, {collections['count']} "
+          f"collections in {STEPS} steps, the longest {collections['longest'] * 1e3:.1f} ms")
 if profile:
     pstats.Stats(profile).sort_stats("tottime").print_stats(12)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -73,6 +75,16 @@ def make_transformers_model(seed: int = 0, tie_codebooks_embeddings: bool = Fals
     model = CsmForConditionalGeneration(tiny_csm_config(tie_codebooks_embeddings)).eval()
     fill_mimi_codebooks(model.codec_model, seed)
     return model
+
+
+@pytest.fixture(autouse=True)
+def collector_as_it_was():
+    """The server, batch and replica set-ups freeze the collector's heap (engine.collector): undone after each
+    test, so one test's frozen objects are not kept for the whole session."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
 
 
 @pytest.fixture(scope="module")

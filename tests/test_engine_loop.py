@@ -131,6 +131,51 @@ def test_each_request_gets_its_own_audio_while_rows_are_refilled(tts):
         assert samples.shape == full.shape and (samples - full).abs().max() <= 1e-5 * full.abs().max()
 
 
+def test_the_loop_makes_no_reference_cycles_per_step_so_the_collector_may_run_rarely(tts):
+    """engine.collector makes the young generation's collections rare after set-up: right only while steps leave
+    no cyclic garbage behind. With the collector off for whole requests (audio, a long text's chunks, an abort),
+    a request of 25 frames leaves as much as one of 2 (moshi's streaming reset makes a cycle or two per request,
+    freed when the collector next runs); the objects a step creates are all freed by reference counting."""
+    import gc
+
+    engine = engine_for(tts, 2, decode_audio=True)
+    engine.add_request(req("Warm up first.", 160, 9))
+    engine.drain()  # first-use caches (prompts, decoder buffers) are made before the count starts
+
+    def garbage_of(requests, abort_last=False):
+        gc.collect()
+        gc.disable()
+        try:
+            handles = [engine.add_request(r) for r in requests]
+            if abort_last:
+                for _ in range(4):
+                    engine.step()
+                engine.abort(handles[-1])
+            engine.drain()
+            return gc.collect(), [h.status for h in handles]
+        finally:
+            gc.enable()
+
+    try:
+        short = garbage_of([req("Short.", 160, 1), req("Also short.", 160, 2)])
+        long = garbage_of([req("A long one.", 2000, 3), req("Also long.", 2000, 4)])
+        chunked = garbage_of([req(PARAGRAPHS, 160, 5), req("Another one that runs long.", 2000, 6)], abort_last=True)
+    finally:
+        engine.close()
+    assert short[1] == long[1] == [FINISHED, FINISHED] and chunked[1] == [FINISHED, ABORTED]
+    assert long[0] == short[0] < 50 and chunked[0] < 50
+
+
+def test_the_collector_after_set_up_is_frozen_with_a_larger_young_generation():
+    import gc
+
+    from seseme_cli.engine.collector import YOUNG_GENERATION, freeze_after_setup
+
+    older = gc.get_threshold()[1:]
+    freeze_after_setup()
+    assert gc.get_freeze_count() > 1000 and gc.get_threshold() == (YOUNG_GENERATION, *older)
+
+
 def test_say_batch_and_the_api_give_the_same_codes(tts, tmp_path):
     text, seed, ms = "The same request three ways.", 9, 640
     api = tts.generate_codes(text, 0, max_audio_length_ms=ms, seed=seed)

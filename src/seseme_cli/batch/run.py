@@ -17,6 +17,7 @@ import torch
 
 from seseme_cli.audio import files as audio_io
 from seseme_cli.batch.manifest import Manifest, Request
+from seseme_cli.engine.collector import freeze_after_setup
 from seseme_cli.engine.handle import FINISHED
 from seseme_cli.engine.loop import Stats
 from seseme_cli.errors import SesemeError
@@ -264,6 +265,7 @@ class BatchRun:
         batch_size = pick_batch_size(self.tts, self.settings.batch_size, len(requests))
         engine = self.tts.speech_engine(batch_size, pcm16=all_wav(requests))
         writer = Writer(self.tts, self.tally, self.record, writer_threads(requests))
+        freeze_after_setup()
         self.handles: dict[int, object] = {}
         self.stats = engine.stats
         self.stats.started = time.perf_counter()

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
+from seseme_cli.engine.collector import freeze_after_setup
 from seseme_cli.errors import SesemeError
 
 log = logging.getLogger("seseme")
@@ -107,6 +108,7 @@ class Replica:
         if warm_up:
             warm_up_engine(self.engine)
         self.contexts = ContextCache(tts)
+        freeze_after_setup()
         self.max_failures = max_failures
         self._thread = threading.Thread(target=self._run, name=f"seseme-replica-{self.index}", daemon=True)
         self._thread.start()

@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 
+from seseme_cli.engine.collector import freeze_after_setup
 from seseme_cli.errors import SesemeError
 from seseme_cli.server.errors import unavailable
 from seseme_cli.server.replicas import RemoteHandle
@@ -111,6 +112,7 @@ class _EngineSide:
                 self.engine = engine = tts.speech_engine(self.settings.max_batch, pcm16=True)
                 if self.settings.warm_up:
                     warm_up(engine)
+                freeze_after_setup()
                 info = ReplicaInfo(0, engine.B, tts.description, tts.is_random, tts.sample_rate, tts.tokenizer,
                                    codec_id(tts.codec), tts.config.num_codebooks, tts.codec.cardinality,
                                    time.perf_counter() - started)

@@ -23,6 +23,7 @@ import time
 import torch
 from prometheus_client import Histogram
 
+from seseme_cli.engine.collector import freeze_after_setup
 from seseme_cli.engine.loop import QueueFull
 from seseme_cli.errors import SesemeError
 from seseme_cli.server.errors import queue_full, unavailable
@@ -191,6 +192,7 @@ class SpeechService:
                     engine.close()
 
     def _now_ready(self) -> None:
+        freeze_after_setup()  # this process's set-up is over (engine.collector: no full-collection pauses)
         with self._lock:
             if self.state == LOADING:
                 self.state = READY
