@@ -103,7 +103,9 @@ class AudioRounds:
                 listed.append((state.slot, state, kept, goes_on))
                 state.audio = []
             for kept, (slots, pieces) in by_kept.items():  # pieces: each slot's kept frames in turn
-                frames[:kept, slots] = np.stack(pieces).reshape(len(slots), kept, self.K).transpose(1, 0, 2)
+                # (K,) rows: one concatenate, ~4x quicker than np.stack's per-array Python (with the same call at
+                # a generation's end, ~15% of a 512-row step's host time in py-spy, scripts/loop_host_probe.py)
+                frames[:kept, slots] = np.concatenate(pieces).reshape(len(slots), kept, self.K).transpose(1, 0, 2)
             self.decoder.round(frames, listed, fresh)
             if first:
                 # A listener's first chunk: decode it with the GPU and the GIL to itself (the next frames would

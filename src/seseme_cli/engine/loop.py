@@ -427,7 +427,8 @@ class SpeechEngine:
 
     def _end_generation(self, row: int, state: _Row, out: StepOutput) -> None:
         job, handle = state.job, state.handle
-        codes = np.stack(state.pieces) if state.pieces else np.zeros((0, self.K), dtype=np.int64)
+        # (K,) rows: one concatenate, ~4x quicker than np.stack's per-array Python (engine.audio_rounds)
+        codes = np.concatenate(state.pieces).reshape(-1, self.K) if state.pieces else np.zeros((0, self.K), np.int64)
         job.finish(torch.from_numpy(codes))
         state.generation += 1
         handle.chunks_done = job.chunk_index
