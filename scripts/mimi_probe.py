@@ -31,11 +31,8 @@ history = next((int(a.split("=", 1)[1]) for a in args if a.startswith("--history
 def start_over_with_history(decode, m):
     """Every slot starts over, then the first m decode `history` frames, 12 at a time (graphed rounds)."""
     start_over = torch.ones(slots, dtype=torch.bool, device="cuda")
-    done = 0
-    while done < max(history, 1):
-        n = min(frames, max(history, 1) - done)
-        decode(codes[:m, :, :n], start_over if done == 0 else None, None)
-        done += n
+    for done in range(0, max(history, 1), frames):  # the first round starts the slots over, so at least one
+        decode(codes[:m, :, :min(frames, max(history, 1) - done)], start_over if done == 0 else None, None)
 
 
 def probe(codec, label):
