@@ -129,6 +129,7 @@ PYBIND11_MODULE(_kernels, m) {
     // Each kernel family binds its own functions (cpp/bind_<family>.cpp); one line each.
     // families: calls
     bind_attention(m);
+    bind_depth_decoder(m);
     bind_linear(m);
     bind_sampling(m);
 }

@@ -6,5 +6,6 @@
 
 // families: declarations
 void bind_attention(pybind11::module_& m);
+void bind_depth_decoder(pybind11::module_& m);
 void bind_linear(pybind11::module_& m);
 void bind_sampling(pybind11::module_& m);

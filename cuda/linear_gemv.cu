@@ -32,15 +32,6 @@ constexpr unsigned kFull = 0xffffffffu;
 // ----------------------------------------------------------------------------------------------------
 // kernels
 
-// Streamed once per call: skip L1, ask L2 to fetch 256 B around the line.
-__device__ __forceinline__ uint4 ld_stream(const void* p) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
-}
-
 // Transpose-reduce of C values per lane over the lanes of the warp. Each stage halves the values a lane keeps:
 // lanes with bit OFF set keep the upper half and send the lower. Afterwards a lane holds max(1, C/32) complete
 // sums in v[0..], for the value indices lane_base(lane) + j.
@@ -75,35 +66,6 @@ __device__ __forceinline__ int lane_base(int lane) {
     for (int s = 0; s < kHalvings<V>; s++)
         if (lane & (16 >> s)) base += V >> (s + 1);
     return base;
-}
-
-// x pack xv normalised: round(round(x * inv) * w) per element, as floats. Both products as torch rounds them:
-// the first in fp32, the second exact in fp32 (bf16 * bf16 and fp16 * fp16 fit), then rounded once, which is what
-// the packed mul.{bf16,f16}x2 does.
-__device__ __forceinline__ void norm8(const uint4& xv, const uint4& wv, float inv, float (&f)[8], __nv_bfloat16) {
-    const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(__uint_as_float(xw[i] << 16) * inv,
-                                                 __uint_as_float(xw[i] & 0xffff0000u) * inv);
-        h = __hmul2(h, *reinterpret_cast<const __nv_bfloat162*>(&ww[i]));
-        const uint32_t u = *reinterpret_cast<const uint32_t*>(&h);
-        f[2 * i] = __uint_as_float(u << 16);
-        f[2 * i + 1] = __uint_as_float(u & 0xffff0000u);
-    }
-}
-
-__device__ __forceinline__ void norm8(const uint4& xv, const uint4& wv, float inv, float (&f)[8], __half) {
-    const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 t = __half22float2(*reinterpret_cast<const __half2*>(&xw[i]));
-        __half2 h = __floats2half2_rn(t.x * inv, t.y * inv);
-        h = __hmul2(h, *reinterpret_cast<const __half2*>(&ww[i]));
-        const float2 r = __half22float2(h);
-        f[2 * i] = r.x;
-        f[2 * i + 1] = r.y;
-    }
 }
 
 // Pack xp (8 elements) of x row j; zeros when j >= n or !ok, i.e. past the row (uniform branches).

@@ -240,7 +240,7 @@ __device__ __forceinline__ void short_attention_finish(const ShortAttnArgs& a, u
 }
 
 // Shared memory of a block of heads_per_block query heads.
-inline size_t smem_bytes(int64_t heads_per_block, int64_t head_dim, int64_t cache_len, size_t esize) {
+__host__ __device__ inline size_t smem_bytes(int64_t heads_per_block, int64_t head_dim, int64_t cache_len, size_t esize) {
     return (size_t)cache_len * (2 * head_dim + kKPad) * esize +
            sizeof(float) * ((size_t)heads_per_block * head_dim + head_dim + (size_t)heads_per_block * cache_len);
 }

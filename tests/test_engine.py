@@ -14,6 +14,7 @@ import torch
 from conftest import assert_allocates_nothing
 from seseme_cli.model.checkpoints import load_checkpoint
 from seseme_cli.engine import Engine
+from seseme_cli.engine import frame as engine_frame
 from seseme_cli.engine.frame import TeacherForcing
 from seseme_cli.api import build_model
 from seseme_cli.model.reference import generate_frames
@@ -86,6 +87,30 @@ def test_engine_teacher_forced_logits_equal_reference_cpu():
     expected = reference_teacher_forced(ref, tokens, mask, forced)
     got = engine_teacher_forced(engine, tokens, mask, forced)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_persistent_depth_path_gives_the_reference_frames_and_logits_cpu(monkeypatch):
+    # Where its kernel applies, the frame hands depth steps 2..31 to ops.depth_decoder in one call; on CPU that call
+    # runs the op's PyTorch reference, so taking the path here proves the reference (and the path's teacher
+    # forcing) equal to the model.
+    calls = []
+    monkeypatch.setattr(engine_frame, "depth_kernel_applies", lambda *args: calls.append(args) or True)
+    ref, model = models("tiny-random", "cpu", torch.float32)
+    engine = Engine(model, max_batch=2, use_graphs=False)
+    tokens, mask = prompt(3, 11)
+    forced = torch.randint(1, 2048, (3, K), generator=torch.Generator().manual_seed(0))
+    expected = reference_teacher_forced(ref, tokens, mask, forced)
+    got = engine_teacher_forced(engine, tokens, mask, forced)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    prompts = [prompt(1, 9), prompt(2, 14)]
+    for row, (t, m) in enumerate(prompts):
+        engine.set_row(row, t, m, temperature=0.0, topk=50, seed=row)
+    frames = torch.stack([engine.step(2)[:2].clone() for _ in range(4)], dim=1)
+    for row, (t, m) in enumerate(prompts):
+        ref.setup_caches(1)
+        expected = generate_frames(ref, t, m, 4, temperature=0.0, topk=1)
+        assert len(expected) and torch.equal(frames[row, : len(expected)], expected)
+    assert len(calls) == 3 + 4  # every frame took the path
 
 
 def test_above_64_rows_the_padded_heads_give_the_reference_logits_cpu():

@@ -9,10 +9,13 @@ allocates or syncs the host, so `run` can be captured once per batch bucket and 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from seseme_cli.model.config import CsmConfig, TransformerConfig
 from seseme_cli.ops.attention import attention_workspace, decode_attention, max_num_splits, rope_append
+from seseme_cli.ops.depth_decoder import depth_steps, kernel_applies as depth_kernel_applies
 from seseme_cli.ops.embedding import embed_codes
 from seseme_cli.ops.linear import linear, swiglu_linear
 from seseme_cli.ops.linear_config import MMA_MAX_N, linear_workspace_bytes
@@ -26,6 +29,11 @@ from seseme_cli.engine.pack import EngineWeights, Fp8Weight, StackWeights, padde
 # The depth decoder's one-token steps run RoPE + append + attention as one kernel (ops.short_attention's
 # rope_append_attention) where the shape allows; False = the two kernels (for A/B timing).
 FUSED_SHORT_ATTENTION = True
+
+# At batches the persistent depth decoder takes (ops.depth_decoder, up to 4 rows), depth steps 2..K-1 are one
+# launch of it instead of ~26 kernels each. SESEME_PERSISTENT_DEPTH=0 in the environment: the separate kernels
+# (for A/B timing).
+PERSISTENT_DEPTH = os.environ.get("SESEME_PERSISTENT_DEPTH", "1") != "0"
 
 # Weights packed as fp8: projections of at most this many rows run the fp8 GEMV (ops.linear_fp8) on the e4m3
 # copy; larger ones (prefill chunks, depth step 0 at batch > 4, batches > 8) the bf16 kernels on the dequantized
@@ -93,6 +101,7 @@ class FrameBuffers:
         # logits rows of the padded width; sampling reads their first V columns.
         self.padded_logits = new(B, padded_vocab(V)) if B > MMA_MAX_N else None
         self.codes = new(K, B, dt=torch.long)  # codebook-major: each draw writes one contiguous row
+        self.depth_barrier = torch.zeros(2, device=device, dtype=torch.int32)  # the persistent depth decoder's
         self.frame_codes = new(B, K, dt=torch.long)  # the finished frame, row-major
         # One zeroed split-K workspace serves every linear call (each call leaves it zeroed again), sized for the
         # tuned configs where there are any (a tuned config may split K more than the default).
@@ -229,14 +238,39 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
     sample(1, buf.depth.h[:b])
 
     # Depth steps 2..K-1: the previous codebook's embedding at position i.
+    if PERSISTENT_DEPTH and q8 is None and run_persistent_depth(w, buf, b, teacher):
+        finish_frame(w, buf, b)
+        return
     for i in range(2, K):
         out = run_stack(d, buf.depth, b, sched.positions[i], sched.lengths[i], sched.rows, ws, tuning,
                         one_token_per_cache_row=True, final_norm=False)
         project(out, audio_heads[i - 1], q8 and q8.audio_heads[i - 1], heads_out, ws, t_head, norm_weight=d.norm,
                 norm_eps=d.eps, norm_out=dn[:b])
         sample(i, buf.depth.h[:b] if i < K - 1 else None)
+    finish_frame(w, buf, b)
 
-    # The finished frame: row-major copy, its embedding for the next backbone step, and the row state.
+
+def run_persistent_depth(w: EngineWeights, buf: FrameBuffers, b: int, teacher: TeacherForcing | None) -> bool:
+    """Depth steps 2..K-1 of rows 0..b-1 as one persistent launch (ops.depth_decoder), if the kernel takes them;
+    False (nothing run) where it does not. With a teacher, its codes are forced and its logits kept."""
+    K, V = buf.codes.shape[0], buf.logits.shape[1]
+    h, codes, d = buf.depth.h[:b], buf.codes[:, :b], w.depth
+    logits = buf.logits[:b] if teacher is None else buf.logits.new_empty(K, b, V)
+    forced = None if teacher is None else teacher.codes
+    if not depth_kernel_applies(d, w.audio_heads, h, codes, 2, logits, forced):
+        return False
+    depth_steps(d, w.audio_heads, w.projected_embed, h, codes, buf.temperature[:b], buf.topk[:b], buf.seeds[:b],
+                buf.counters[:b], 2, qkv=buf.depth.qkv, attn=buf.depth.attn, act=buf.depth.act, logits=logits,
+                barrier=buf.depth_barrier, forced=forced)
+    if teacher is not None:
+        teacher.logits.extend(logits[i].float() for i in range(2, K))
+    return True
+
+
+def finish_frame(w: EngineWeights, buf: FrameBuffers, b: int) -> None:
+    """The finished frame of rows 0..b-1: row-major codes, their embedding for the next backbone step, and the
+    rows' positions, lengths and frame counters advanced."""
+    codes, V = buf.codes[:, :b], buf.logits.shape[1]
     buf.frame_codes[:b].copy_(codes.T)
     embed_codes(buf.frame_codes[:b], w.audio_embed, buf.backbone.h[:b], V)
     buf.positions[:b].add_(1)
