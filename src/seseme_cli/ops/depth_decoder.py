@@ -99,7 +99,7 @@ def depth_steps_ref(stack, heads: Tensor, embed: Tensor, h: Tensor, codes: Tenso
 def kernel_applies(stack, heads: Tensor, h: Tensor, codes: Tensor, first_step: int, logits: Tensor,
                    forced: Tensor | None) -> bool:
     """Whether `depth_steps` launches the kernel for these arguments (already checked)."""
-    if not (has_cuda_kernels() and h.is_cuda and h.dtype in KERNEL_DTYPES and not torch.is_grad_enabled()):
+    if not (has_cuda_kernels() and h.is_cuda and h.dtype in KERNEL_DTYPES):
         return False
     layer0 = stack.layers[0]
     cache_batch, S, Hkv, hd = layer0.k_cache.shape
@@ -116,7 +116,9 @@ def kernel_applies(stack, heads: Tensor, h: Tensor, codes: Tensor, first_step: i
     rows_contiguous = heads.stride(2) == 1 and heads.stride(1) == h.shape[1]
     aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
     contiguous = all(t.is_contiguous() for t in tensors if t is not heads) and rows_contiguous
-    return aligned and contiguous and codes.stride(1) == 1 and (forced is None or forced.stride(1) == 1)
+    no_autograd = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))  # the kernel has no backward
+    return (aligned and contiguous and no_autograd and codes.stride(1) == 1
+            and (forced is None or forced.stride(1) == 1))
 
 
 def _check_args(stack, heads, embed, h, codes, temperature, topk, seeds, counters, first_step, qkv, attn, act,
