@@ -95,6 +95,7 @@ def test_the_persistent_depth_path_gives_the_reference_frames_and_logits_cpu(mon
     # forcing) equal to the model.
     calls = []
     monkeypatch.setattr(engine_frame, "depth_kernel_applies", lambda *args: calls.append(args) or True)
+    monkeypatch.setattr(engine_frame, "PERSISTENT_DEPTH", True)
     ref, model = models("tiny-random", "cpu", torch.float32)
     engine = Engine(model, max_batch=2, use_graphs=False)
     tokens, mask = prompt(3, 11)
@@ -111,6 +112,24 @@ def test_the_persistent_depth_path_gives_the_reference_frames_and_logits_cpu(mon
         expected = generate_frames(ref, t, m, 4, temperature=0.0, topk=1)
         assert len(expected) and torch.equal(frames[row, : len(expected)], expected)
     assert len(calls) == 3 + 4  # every frame took the path
+
+
+def test_a_persistent_depth_launch_refused_falls_back_to_the_separate_kernels_cpu(monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("depth_steps launch failed: depth_steps: more blocks than can be resident at once")
+
+    monkeypatch.setattr(engine_frame, "depth_kernel_applies", lambda *args: True)
+    monkeypatch.setattr(engine_frame, "depth_steps", refuse)
+    monkeypatch.setattr(engine_frame, "PERSISTENT_DEPTH", True)
+    ref, model = models("tiny-random", "cpu", torch.float32)
+    engine = Engine(model, max_batch=1, use_graphs=False)
+    tokens, mask = prompt(3, 11)
+    forced = torch.randint(1, 2048, (2, K), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="seseme"):
+        got = engine_teacher_forced(engine, tokens, mask, forced)
+    torch.testing.assert_close(got, reference_teacher_forced(ref, tokens, mask, forced), rtol=1e-4, atol=1e-4)
+    assert "persistent depth decoder unavailable (depth_steps launch failed" in caplog.text
+    assert engine_frame.PERSISTENT_DEPTH is False  # asked once, not every frame
 
 
 def test_above_64_rows_the_padded_heads_give_the_reference_logits_cpu():

@@ -9,6 +9,7 @@ allocates or syncs the host, so `run` can be captured once per batch bucket and 
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -25,6 +26,8 @@ from seseme_cli.ops.short_attention import rope_append_attention, short_attentio
 from seseme_cli.ops.sampling import sample_topk_philox
 from seseme_cli.engine.tuning import tuned_config
 from seseme_cli.engine.pack import EngineWeights, Fp8Weight, StackWeights, padded_vocab
+
+log = logging.getLogger("seseme")
 
 # The depth decoder's one-token steps run RoPE + append + attention as one kernel (ops.short_attention's
 # rope_append_attention) where the shape allows; False = the two kernels (for A/B timing).
@@ -257,11 +260,18 @@ def run_persistent_depth(w: EngineWeights, buf: FrameBuffers, b: int, teacher: T
     h, codes, d = buf.depth.h[:b], buf.codes[:, :b], w.depth
     logits = buf.logits[:b] if teacher is None else buf.logits.new_empty(K, b, V)
     forced = None if teacher is None else teacher.codes
+    global PERSISTENT_DEPTH
     if not depth_kernel_applies(d, w.audio_heads, h, codes, 2, logits, forced):
         return False
-    depth_steps(d, w.audio_heads, w.projected_embed, h, codes, buf.temperature[:b], buf.topk[:b], buf.seeds[:b],
-                buf.counters[:b], 2, qkv=buf.depth.qkv, attn=buf.depth.attn, act=buf.depth.act, logits=logits,
-                barrier=buf.depth_barrier, forced=forced)
+    try:
+        depth_steps(d, w.audio_heads, w.projected_embed, h, codes, buf.temperature[:b], buf.topk[:b], buf.seeds[:b],
+                    buf.counters[:b], 2, qkv=buf.depth.qkv, attn=buf.depth.attn, act=buf.depth.act, logits=logits,
+                    barrier=buf.depth_barrier, forced=forced)
+    except RuntimeError as err:  # refused at launch (e.g. too few SMs free for its grid): nothing was written
+        log.warning("persistent depth decoder unavailable (%s); running the depth steps as separate kernels",
+                    str(err).splitlines()[0])
+        PERSISTENT_DEPTH = False
+        return False
     if teacher is not None:
         teacher.logits.extend(logits[i].float() for i in range(2, K))
     return True
