@@ -79,14 +79,18 @@ def test_engine_greedy_equals_reference_cpu():
         assert torch.equal(frames[row, : len(expected)], expected)
 
 
-def test_engine_teacher_forced_logits_equal_reference_cpu():
-    ref, model = models("tiny-random", "cpu", torch.float32)
-    engine = Engine(model, max_batch=1, use_graphs=False)
+def assert_teacher_forced_logits_equal(ref, engine, frames: int = 3):
+    """The engine's teacher-forced logits of a few frames equal the reference's (CPU, fp32)."""
     tokens, mask = prompt(3, 11)
-    forced = torch.randint(1, 2048, (3, K), generator=torch.Generator().manual_seed(0))
+    forced = torch.randint(1, 2048, (frames, K), generator=torch.Generator().manual_seed(0))
     expected = reference_teacher_forced(ref, tokens, mask, forced)
     got = engine_teacher_forced(engine, tokens, mask, forced)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_engine_teacher_forced_logits_equal_reference_cpu():
+    ref, model = models("tiny-random", "cpu", torch.float32)
+    assert_teacher_forced_logits_equal(ref, Engine(model, max_batch=1, use_graphs=False))
 
 
 def test_the_persistent_depth_path_gives_the_reference_frames_and_logits_cpu(monkeypatch):
@@ -98,11 +102,7 @@ def test_the_persistent_depth_path_gives_the_reference_frames_and_logits_cpu(mon
     monkeypatch.setattr(engine_frame, "PERSISTENT_DEPTH", True)
     ref, model = models("tiny-random", "cpu", torch.float32)
     engine = Engine(model, max_batch=2, use_graphs=False)
-    tokens, mask = prompt(3, 11)
-    forced = torch.randint(1, 2048, (3, K), generator=torch.Generator().manual_seed(0))
-    expected = reference_teacher_forced(ref, tokens, mask, forced)
-    got = engine_teacher_forced(engine, tokens, mask, forced)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert_teacher_forced_logits_equal(ref, engine)
     prompts = [prompt(1, 9), prompt(2, 14)]
     for row, (t, m) in enumerate(prompts):
         engine.set_row(row, t, m, temperature=0.0, topk=50, seed=row)
@@ -122,12 +122,8 @@ def test_a_persistent_depth_launch_refused_falls_back_to_the_separate_kernels_cp
     monkeypatch.setattr(engine_frame, "depth_steps", refuse)
     monkeypatch.setattr(engine_frame, "PERSISTENT_DEPTH", True)
     ref, model = models("tiny-random", "cpu", torch.float32)
-    engine = Engine(model, max_batch=1, use_graphs=False)
-    tokens, mask = prompt(3, 11)
-    forced = torch.randint(1, 2048, (2, K), generator=torch.Generator().manual_seed(0))
     with caplog.at_level("WARNING", logger="seseme"):
-        got = engine_teacher_forced(engine, tokens, mask, forced)
-    torch.testing.assert_close(got, reference_teacher_forced(ref, tokens, mask, forced), rtol=1e-4, atol=1e-4)
+        assert_teacher_forced_logits_equal(ref, Engine(model, max_batch=1, use_graphs=False), frames=2)
     assert "persistent depth decoder unavailable (depth_steps launch failed" in caplog.text
     assert engine_frame.PERSISTENT_DEPTH is False  # asked once, not every frame
 
