@@ -33,10 +33,10 @@ log = logging.getLogger("seseme")
 # rope_append_attention) where the shape allows; False = the two kernels (for A/B timing).
 FUSED_SHORT_ATTENTION = True
 
-# At batches the persistent depth decoder takes (ops.depth_decoder, up to 4 rows), depth steps 2..K-1 are one
-# launch of it instead of ~26 kernels each. SESEME_PERSISTENT_DEPTH=0 in the environment: the separate kernels
-# (for A/B timing).
-PERSISTENT_DEPTH = os.environ.get("SESEME_PERSISTENT_DEPTH", "1") != "0"
+# At batches the persistent depth decoder takes (ops.depth_decoder, up to 4 rows), depth steps 2..K-1 can be one
+# launch of it instead of ~26 kernels each. Off until it has run on a GPU (written in a session whose device calls
+# found no machine): SESEME_PERSISTENT_DEPTH=1 in the environment turns it on.
+PERSISTENT_DEPTH = os.environ.get("SESEME_PERSISTENT_DEPTH", "0") == "1"
 
 # Weights packed as fp8: projections of at most this many rows run the fp8 GEMV (ops.linear_fp8) on the e4m3
 # copy; larger ones (prefill chunks, depth step 0 at batch > 4, batches > 8) the bf16 kernels on the dequantized
