@@ -105,7 +105,7 @@ def test_on_cpu_the_reference_runs_and_writes_only_the_steps_asked():
                  cache_batch=3, dtype=torch.float32, device="cpu")
     stack, heads, embed = random_stack(**shape)
     args = call_args(stack, 2, 6, 50, 32, 4, 16, 64, "cpu", torch.float32)
-    assert not kernel_applies(stack, heads, args["h"], args["codes"], 3, args["logits"], None)
+    assert not kernel_applies(stack, heads, embed, args["h"], args["codes"], 3, args["logits"], None)
     depth_steps(stack, heads, embed, args["h"], args["codes"], args["temperature"], args["topk"], args["seeds"],
                 args["counters"], 3, **{k: args[k] for k in ("qkv", "attn", "act", "logits", "barrier")})
     codes = args["codes"]
@@ -138,7 +138,7 @@ def test_kernel_matches_reference_step_by_step_under_teacher_forcing(layers, dim
     args = call_args(stack, n, K, vocab, dim, heads, head_dim, ffn, "cuda", dtype)
     forced = torch.randint(0, vocab, (K, n + 2), generator=torch.Generator().manual_seed(5)).cuda()
     ref_stack, ref_args = clone_state(stack, args)
-    assert kernel_applies(stack, heads_t, args["h"], args["codes"], 2, args["logits"], forced)
+    assert kernel_applies(stack, heads_t, embed, args["h"], args["codes"], 2, args["logits"], forced)
 
     def run(fn, st, a):
         fn(st, heads_t, embed, a["h"], a["codes"], a["temperature"], a["topk"], a["seeds"], a["counters"], 2,

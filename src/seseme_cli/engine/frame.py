@@ -261,7 +261,7 @@ def run_persistent_depth(w: EngineWeights, buf: FrameBuffers, b: int, teacher: T
     logits = buf.logits[:b] if teacher is None else buf.logits.new_empty(K, b, V)
     forced = None if teacher is None else teacher.codes
     global PERSISTENT_DEPTH
-    if not depth_kernel_applies(d, w.audio_heads, h, codes, 2, logits, forced):
+    if not depth_kernel_applies(d, w.audio_heads, w.projected_embed, h, codes, 2, logits, forced):
         return False
     try:
         depth_steps(d, w.audio_heads, w.projected_embed, h, codes, buf.temperature[:b], buf.topk[:b], buf.seeds[:b],

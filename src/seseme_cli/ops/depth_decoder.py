@@ -47,7 +47,7 @@ def depth_steps(stack, heads: Tensor, embed: Tensor, h: Tensor, codes: Tensor, t
     """
     _check_args(stack, heads, embed, h, codes, temperature, topk, seeds, counters, first_step, qkv, attn, act,
                 logits, barrier, forced)
-    if not kernel_applies(stack, heads, h, codes, first_step, logits, forced):
+    if not kernel_applies(stack, heads, embed, h, codes, first_step, logits, forced):
         depth_steps_ref(stack, heads, embed, h, codes, temperature, topk, seeds, counters, first_step, qkv=qkv,
                         attn=attn, act=act, logits=logits, barrier=barrier, forced=forced, blocks=blocks)
         return
@@ -96,7 +96,7 @@ def depth_steps_ref(stack, heads: Tensor, embed: Tensor, h: Tensor, codes: Tenso
             h.copy_(embed[i * V + codes[i, :n]])
 
 
-def kernel_applies(stack, heads: Tensor, h: Tensor, codes: Tensor, first_step: int, logits: Tensor,
+def kernel_applies(stack, heads: Tensor, embed: Tensor, h: Tensor, codes: Tensor, first_step: int, logits: Tensor,
                    forced: Tensor | None) -> bool:
     """Whether `depth_steps` launches the kernel for these arguments (already checked)."""
     if not (has_cuda_kernels() and h.is_cuda and h.dtype in KERNEL_DTYPES):
@@ -109,7 +109,7 @@ def kernel_applies(stack, heads: Tensor, h: Tensor, codes: Tensor, first_step: i
         codes.shape[0], S, cache_batch, dtype_code(h.dtype))
     if error is not None:
         return False
-    tensors = [heads, h, logits, stack.norm, stack.inv_freq]
+    tensors = [heads, embed, h, logits, stack.norm, stack.inv_freq]
     for layer in stack.layers:
         tensors += [layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate_up, layer.w_down,
                     layer.k_cache, layer.v_cache]
