@@ -18,8 +18,9 @@
 // other blocks wrote them in this launch, so never the non-coherent read-only path), normalised there with the
 // rounding of cuda/rmsnorm.cu where the layer norms its input. A warp owns one output row (a gate row and its up
 // row for SwiGLU) and streams it with 16-byte L1-bypassing loads, kU per lane in flight, the next chunk's loads
-// issued before the current chunk's multiply (two register buffers). When the rows do not give every warp of the
-// grid one (the down projection: 1,024 rows for 132 x 8 warps), `ksplit` warps of a block share a row, each
+// issued before the current chunk's multiply (two register buffers). Where the grid has at least twice as many
+// warps as the phase has rows and k has chunks enough (a 200-row projection of k = 4,096 in the tests; CSM's
+// 1,024-row down projection on 132 x 8 warps does not qualify), `ksplit` warps of a block share a row, each
 // taking every ksplit-th chunk of k, and add up through shared memory. fp32 accumulation, one rounding (the
 // epilogue of cuda/linear.cuh).
 //
@@ -39,6 +40,9 @@
 #include "short_attention_device.cuh"
 
 namespace {
+
+// ----------------------------------------------------------------------------------------------------
+// kernels
 
 using seseme_short_attention::ShortAttnArgs;
 using seseme_short_attention::ShortAttnBlock;
@@ -402,6 +406,9 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_steps_kernel(const Dep
         if (i + 1 < a.num_codebooks) bar.sync();
     }
 }
+
+// ----------------------------------------------------------------------------------------------------
+// launchers
 
 size_t smem_total(int nt, const DepthStepsArgs& a) {
     const size_t esize = 2;

@@ -34,6 +34,9 @@ namespace {
 
 using namespace seseme_short_attention;
 
+// ----------------------------------------------------------------------------------------------------
+// kernels
+
 template <typename T>
 __global__ void __launch_bounds__(kShortAttnMaxThreads) rope_append_attention_kernel(const ShortAttnArgs a) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -48,6 +51,9 @@ __global__ void __launch_bounds__(kShortAttnMaxThreads) rope_append_attention_ke
 }
 
 }  // namespace
+
+// ----------------------------------------------------------------------------------------------------
+// launchers
 
 using namespace seseme_short_attention;
 

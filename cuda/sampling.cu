@@ -28,6 +28,9 @@ namespace {
 
 using namespace seseme_sampling;
 
+// ----------------------------------------------------------------------------------------------------
+// kernels
+
 // The launch bounds keep the kernel launchable at the largest block size (<= 64 registers per thread;
 // without the 1, ptxas aims at two such blocks per SM, squeezes to 32 registers and spills).
 template <typename T>

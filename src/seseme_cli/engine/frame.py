@@ -104,7 +104,7 @@ class FrameBuffers:
         # logits rows of the padded width; sampling reads their first V columns.
         self.padded_logits = new(B, padded_vocab(V)) if B > MMA_MAX_N else None
         self.codes = new(K, B, dt=torch.long)  # codebook-major: each draw writes one contiguous row
-        self.depth_barrier = torch.zeros(2, device=device, dtype=torch.int32)  # the persistent depth decoder's
+        self.depth_barrier = torch.zeros(2, device=device, dtype=torch.int32)  # persistent depth decoder's barrier
         self.frame_codes = new(B, K, dt=torch.long)  # the finished frame, row-major
         # One zeroed split-K workspace serves every linear call (each call leaves it zeroed again), sized for the
         # tuned configs where there are any (a tuned config may split K more than the default).
@@ -256,18 +256,18 @@ def run_frame(w: EngineWeights, buf: FrameBuffers, sched: DepthSchedule, b: int,
 def run_persistent_depth(w: EngineWeights, buf: FrameBuffers, b: int, teacher: TeacherForcing | None) -> bool:
     """Depth steps 2..K-1 of rows 0..b-1 as one persistent launch (ops.depth_decoder), if the kernel takes them;
     False (nothing run) where it does not. With a teacher, its codes are forced and its logits kept."""
+    global PERSISTENT_DEPTH
     K, V = buf.codes.shape[0], buf.logits.shape[1]
     h, codes, d = buf.depth.h[:b], buf.codes[:, :b], w.depth
     logits = buf.logits[:b] if teacher is None else buf.logits.new_empty(K, b, V)
     forced = None if teacher is None else teacher.codes
-    global PERSISTENT_DEPTH
     if not depth_kernel_applies(d, w.audio_heads, w.projected_embed, h, codes, 2, logits, forced):
         return False
     try:
         depth_steps(d, w.audio_heads, w.projected_embed, h, codes, buf.temperature[:b], buf.topk[:b], buf.seeds[:b],
                     buf.counters[:b], 2, qkv=buf.depth.qkv, attn=buf.depth.attn, act=buf.depth.act, logits=logits,
                     barrier=buf.depth_barrier, forced=forced)
-    except RuntimeError as err:  # refused at launch (e.g. too few SMs free for its grid): nothing was written
+    except RuntimeError as err:  # refused at launch (its grid does not fit this GPU): nothing was written
         log.warning("persistent depth decoder unavailable (%s); running the depth steps as separate kernels",
                     str(err).splitlines()[0])
         PERSISTENT_DEPTH = False

@@ -26,7 +26,6 @@ from seseme_cli.ops.short_attention import rope_append_attention_ref
 
 Tensor = torch.Tensor
 
-MAX_ROWS = 4  # kDepthMaxRows: the kernel is compiled for 1, 2 and 4 rows
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
