@@ -327,14 +327,12 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_steps_kernel(const Dep
     unsigned char* attn_smem = smem + xb;
     float* red = reinterpret_cast<float*>(attn_smem + attn_bytes(a.head_dim, a.cache_len, sizeof(T)));
 
-    const T* h_in = static_cast<const T*>(a.h);
     T* h = static_cast<T*>(a.h);
     T* qkv = static_cast<T*>(a.qkv);
     T* attn = static_cast<T*>(a.attn);
     T* act = static_cast<T*>(a.act);
     const bool attends = (int)blockIdx.x < a.heads_q * a.n;  // block = (head, row) of the attention phase
     const int att_row = blockIdx.x / a.heads_q, att_head = blockIdx.x % a.heads_q;
-    const auto layer_w = [&](int l) { return a.layers[l]; };
 
     gemv_prefetch<T, false>(static_cast<const T*>(a.layers[0].wqkv), qkv_dim, a.dim);
     wait_for_inputs();  // h, the caches' first slots and the row settings come from earlier kernels
@@ -344,12 +342,12 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_steps_kernel(const Dep
 
     for (int i = a.first_step; i < a.num_codebooks; i++) {
         for (int l = 0; l < a.num_layers; l++) {
-            const DepthLayer L = layer_w(l);
+            const DepthLayer& L = a.layers[l];
             const ShortAttnArgs sa = attention_args<T>(a, L);
             ShortAttnBlock ab = {};
             if (attends) ab = seseme_short_attention::short_attention_start<T>(sa, attn_smem, att_row, att_head,
                                                                                att_row, i, i + 1);
-            stage_x<T, NT, true>(h_in, a.dim, a.n, static_cast<const T*>(L.attn_norm), a.eps, xs, red);
+            stage_x<T, NT, true>(h, a.dim, a.n, static_cast<const T*>(L.attn_norm), a.eps, xs, red);
             gemv<T, NT, false>(static_cast<const T*>(L.wqkv), qkv_dim, a.dim, xs, a.n, qkv, nullptr, red);
             gemv_prefetch<T, false>(static_cast<const T*>(L.wo), a.dim, q);
             bar.sync();
@@ -366,7 +364,7 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_steps_kernel(const Dep
             gemv_prefetch<T, true>(static_cast<const T*>(L.w_gate_up), a.ffn, a.dim);
             bar.sync();
 
-            stage_x<T, NT, true>(h_in, a.dim, a.n, static_cast<const T*>(L.mlp_norm), a.eps, xs, red);
+            stage_x<T, NT, true>(h, a.dim, a.n, static_cast<const T*>(L.mlp_norm), a.eps, xs, red);
             gemv<T, NT, true>(static_cast<const T*>(L.w_gate_up), a.ffn, a.dim, xs, a.n, act, nullptr, red);
             gemv_prefetch<T, false>(static_cast<const T*>(L.w_down), a.dim, a.ffn);
             bar.sync();
@@ -374,14 +372,14 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_steps_kernel(const Dep
             stage_x<T, NT, false>(act, a.ffn, a.n, nullptr, 0.f, xs, red);
             gemv<T, NT, false>(static_cast<const T*>(L.w_down), a.dim, a.ffn, xs, a.n, h, h, red);
             if (l + 1 < a.num_layers)
-                gemv_prefetch<T, false>(static_cast<const T*>(layer_w(l + 1).wqkv), qkv_dim, a.dim);
+                gemv_prefetch<T, false>(static_cast<const T*>(a.layers[l + 1].wqkv), qkv_dim, a.dim);
             bar.sync();
         }
 
         // The head of codebook i over the stack's normed output, then the draw.
         const T* head = static_cast<const T*>(a.heads) + (size_t)(i - 1) * a.head_stride;
         T* logits = static_cast<T*>(a.logits) + (size_t)i * a.logits_step_stride;
-        stage_x<T, NT, true>(h_in, a.dim, a.n, static_cast<const T*>(a.final_norm), a.eps, xs, red);
+        stage_x<T, NT, true>(h, a.dim, a.n, static_cast<const T*>(a.final_norm), a.eps, xs, red);
         gemv<T, NT, false>(head, a.vocab, a.dim, xs, a.n, logits, nullptr, red);
         if (i + 1 < a.num_codebooks)
             gemv_prefetch<T, false>(static_cast<const T*>(a.layers[0].wqkv), qkv_dim, a.dim);

@@ -192,7 +192,6 @@ __device__ __forceinline__ void norm8(const uint4& xv, const uint4& wv, float in
     }
 }
 
-
 // The epilogue every kernel shares: one output element from its fp32 accumulator(s), rounded once.
 template <typename T, bool SWIGLU>
 __device__ __forceinline__ void store_out(T* out, const T* residual, size_t idx, float acc, float up) {

@@ -51,7 +51,7 @@ def random_stack(*, layers, dim, heads, kv_heads, head_dim, ffn, vocab, K, cache
     return stack, heads_t, embed
 
 
-def call_args(stack, n, K, vocab, dim, heads, head_dim, ffn, device, dtype, seed=0, per_step_logits=True):
+def call_args(stack, n, K, vocab, dim, heads, head_dim, ffn, device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     q, kv = heads * head_dim, stack.layers[0].k_cache.shape[2] * head_dim
     return dict(
@@ -64,7 +64,7 @@ def call_args(stack, n, K, vocab, dim, heads, head_dim, ffn, device, dtype, seed
         qkv=torch.empty(n + 1, q + 2 * kv, device=device, dtype=dtype),
         attn=torch.empty(n + 1, heads, head_dim, device=device, dtype=dtype),
         act=torch.empty(n + 1, ffn, device=device, dtype=dtype),
-        logits=torch.full((K, n, vocab) if per_step_logits else (n, vocab), float("nan"), device=device, dtype=dtype),
+        logits=torch.full((K, n, vocab), float("nan"), device=device, dtype=dtype),
         barrier=torch.zeros(2, dtype=torch.int32, device=device),
     )
 
@@ -167,12 +167,14 @@ def test_kernel_matches_reference_step_by_step_under_teacher_forcing(layers, dim
 def test_the_kernels_draws_are_the_reference_samplers_on_its_own_logits(n):
     # Without forcing, every code is the draw of ops.sampling's reference on the logits the kernel wrote for that
     # step (per-row settings: top-k 50, greedy, all, 7), and each next step's input is that code's embedding; a
-    # second launch with the same state gives the same codes (no race between blocks).
+    # second launch with the same state, its logits in one (n, V) buffer as the engine passes them, gives the same
+    # codes (no race between blocks).
     K, vocab, dim = 12, 2051, 256
     stack, heads_t, embed = random_stack(layers=2, dim=dim, heads=8, kv_heads=2, head_dim=32, ffn=512, vocab=vocab,
                                          K=K, cache_len=K + 1, cache_batch=n, dtype=torch.bfloat16, device="cuda")
     args = call_args(stack, n, K, vocab, dim, 8, 32, 512, "cuda", torch.bfloat16)
     again_stack, again = clone_state(stack, args)
+    again["logits"] = again["logits"][0].clone()  # (n, V): every step's logits in turn
     with torch.no_grad():
         for st, a in ((stack, args), (again_stack, again)):
             depth_steps(st, heads_t, embed, a["h"], a["codes"], a["temperature"], a["topk"], a["seeds"],
