@@ -353,3 +353,52 @@ def test_long_texts_next_chunks_that_come_due_together_are_prefilled_over_severa
     assert len(steps) == len(set(steps)), started  # never two next chunks in one step
     for request, handle in zip(requests, handles):
         assert handle.status == FINISHED and torch.equal(handle.codes, codes_alone(tts, request))
+
+
+@pytest.mark.parametrize("newcomers", [False, True])
+def test_a_long_texts_next_chunk_prefills_only_what_its_row_does_not_hold(tts, newcomers):
+    """A next chunk's prompt is mostly the row's own cache (the previous prompt and the frames fed back): only the
+    rest is prefilled, and the codes are those of prefilling every chunk's whole prompt. `newcomers`: a new
+    listener arrives at every step, so frames are read in the step that made them, and a chunk's last frame is
+    not fed back before its next chunk's prefill (without them it is, by the one-step lag)."""
+    long = SpeechRequest.make(PARAGRAPHS, 0, max_audio_ms=400, seed=7, chunk_ms=3000)
+    results = {}
+    for resume in (True, False):
+        engine = engine_for(tts, 3)
+        engine.resume_chunks = resume
+        prefilled = []
+        set_rows = engine.runner.set_rows
+
+        def recording(requests):
+            set_rows(requests)
+            for r in requests:
+                start, frames = (r[6] if len(r) > 6 else 0), r[1].shape[0]
+                if r[0] == 0 and frames > 1:  # row 0's chunk prompts, and its cache after them (last layer)
+                    prefilled.append((start, frames, top.k_cache[0, : start + frames - 1].clone()))
+
+        top = engine.runner.weights.backbone.layers[-1]
+        for layer in engine.runner.weights.backbone.layers:  # no slot keeps a value from an earlier run
+            layer.k_cache.normal_(0, 10)
+            layer.v_cache.normal_(0, 10)
+        engine.runner.set_rows = recording
+        try:
+            handle, others = engine.add_request(long, low_latency=True), []
+            while handle.status not in (FINISHED, FAILED, ABORTED):
+                if newcomers and not engine.queue_depth:
+                    others.append(engine.add_request(req("Hi.", 80, len(others)), low_latency=True))
+                engine.step()
+            engine.drain()
+            engine.close()
+        finally:
+            del engine.runner.set_rows  # the runner is the fixture's, shared by the module's tests
+        assert handle.status == FINISHED and all(h.status == FINISHED for h in others)
+        assert len(others) > 10 if newcomers else not others
+        results[resume] = (handle.codes, prefilled)
+    (resumed, prompts_resumed), (whole, prompts_whole) = results[True], results[False]
+    assert torch.equal(resumed, whole)
+    assert len(prompts_resumed) == len(prompts_whole) >= 3  # the long text's chunks
+    assert prompts_resumed[0][:2] == prompts_whole[0][:2] and prompts_resumed[0][0] == 0  # the first: all of it
+    for (start, frames, cache), (_, frames_whole, cache_whole) in zip(prompts_resumed[1:], prompts_whole[1:]):
+        assert start > 0 and start + frames == frames_whole and frames < frames_whole / 2
+        # What the next frame attends to: the same keys, written by frame steps and the prefill or by the prefill
+        torch.testing.assert_close(cache, cache_whole, rtol=1e-4, atol=1e-5)

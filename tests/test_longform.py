@@ -102,6 +102,29 @@ def test_each_chunk_is_prompted_with_the_previous_ones_and_the_oldest_are_droppe
     assert len(spoken) == len(job.chunks) and job.truncated == len(spoken)
 
 
+def test_a_chunk_says_how_much_of_its_prompt_the_cache_holds_from_the_chunk_before(tts):
+    """`cached` frames of a chunk's prompt are what its row's cache took while the chunk before was generated
+    (that prompt, then the frames fed back), less that chunk's last frame; 0 once the oldest history is dropped."""
+    voice = Turn(1, "A voice.", torch.randint(0, 2048, (30, K)))
+    job = SpeechJob(SpeechRequest.make(PARAGRAPHS, 0, max_audio_ms=10_000, seed=5), [voice], tts.prompts)
+    previous, lengths, cached = None, [12, 0, 300, 400, 400, 400, 400, 400], []
+    while (gen := job.next_generation()) is not None:
+        cached.append(gen.cached)
+        if previous is None:
+            assert gen.cached == 0
+        elif gen.cached:
+            tokens, codes = previous
+            fed = torch.cat([tokens, tts.prompts.audio_frames(codes).tokens[:-1]])  # the EOS frame is not fed
+            assert gen.cached == len(fed) - 1 and torch.equal(gen.tokens[: gen.cached], fed[:-1])
+            assert gen.prefill_rows == gen.tokens.shape[0] - gen.cached - 1
+        codes = torch.randint(1, 2048, (lengths[min(len(cached) - 1, len(lengths) - 1)], K))
+        previous = (gen.tokens, codes)
+        job.finish(codes)
+    # The short chunks (12, 0, 300 frames) keep every chunk before them; 400-frame chunks soon fill the window,
+    # and a prompt that dropped the oldest chunk is never prefilled on top of one that kept it.
+    assert all(cached[1:4]) and 0 in cached[4:], cached
+
+
 def test_one_chunk_uses_the_plain_limits(tts):
     job = SpeechJob(SpeechRequest.make("Hello there.", max_audio_ms=30_000, seed=1), [], tts.prompts)
     gen = job.next_generation()

@@ -157,6 +157,27 @@ def test_set_rows_sets_each_rows_sampling_state_cpu():
     assert b.positions[1] == 3 and b.counters[1] == 2  # row 1, not restarted, keeps going
 
 
+def test_a_prompt_prefilled_after_the_frames_its_row_holds_equals_the_whole_prompt_cpu():
+    """set_rows with `start`: the prompt's rows go to positions start.. and attend to the slots before, which it
+    keeps (a long text's next chunk after its row's earlier ones); same caches and state as the whole prompt at
+    once, with another request beside it in the same prefill."""
+    _, engine, expected = tiny_engines(2)
+    tokens, mask = prompt(11, 9, 14)
+    other = (1, *prompt(12, 5), 0.9, 50, 4)
+    for e in (engine, expected):
+        fill_caches(e)
+    engine.set_rows([(0, tokens[:10], mask[:10], 0.8, 30, 3)])  # a first part, its last frame prefilled later
+    engine.set_rows([(0, tokens[9:], mask[9:], 0.8, 30, 3, 9), other])
+    expected.set_rows([(0, tokens, mask, 0.8, 30, 3), other])
+    assert_caches_match(engine, expected, [(0, tokens), (1, other[1])], 2)
+    assert_state_matches(engine, expected, [(0, tokens, mask), other])
+    window = engine.cfg.max_seq_len
+    with pytest.raises(ValueError, match="from position 5"):
+        engine.set_rows([(0, *prompt(8, window - 4), 0.9, 50, 0, 5)])
+    with pytest.raises(ValueError, match="from position -1"):
+        engine.set_rows([(0, tokens, mask, 0.9, 50, 0, -1)])
+
+
 def test_set_rows_rejects_what_the_kernels_would_get_wrong():
     _, engine, _ = tiny_engines(2)
     t, m = prompt(7, 3)
@@ -294,3 +315,35 @@ def test_a_steps_prompts_replay_a_graph_close_to_the_eager_prefill_gpu(graphed_e
                     assert rel_err(cache[row, : T - 1], ref[row, : T - 1]) < 2e-2
                 untouched[row, : T - 1] = False
             assert (cache[untouched] == SENTINEL).all()  # padding rows wrote nothing but their rows' own slots
+
+
+@cuda
+@needs_kernels
+@pytest.mark.parametrize("split", [1, 39, 200])
+def test_a_prompt_prefilled_after_the_frames_its_row_holds_is_close_to_the_whole_prompt_gpu(graphed_engine, split):
+    """A long text's next chunk: the prompt from cache position `split` on, after the row's slots before it were
+    written by an earlier prefill, replays the graph (another request beside it) and attends to those slots: the
+    K/V and the first step's input as the whole prompt prefilled at once, nothing after them written."""
+    engine = graphed_engine
+    tokens, mask = prompt(41, 20, 230)
+    other = (2, *prompt(42, 7), 0.0, 1, 0)
+    results = []
+    with torch.inference_mode():
+        for parts in ([(0, tokens, mask, 0.0, 1, 0)],
+                      [(0, tokens[: split + 1], mask[: split + 1], 0.0, 1, 0),
+                       (0, tokens[split:], mask[split:], 0.0, 1, 0, split)]):
+            fill_caches(engine)
+            for part in parts[:-1]:
+                engine.set_rows([part])
+            engine.set_rows([parts[-1], other])
+            torch.cuda.synchronize()
+            results.append((engine.buf.backbone.h[[0, 2]].clone(), engine.buf.positions[[0, 2]].clone(),
+                            [(l.k_cache.clone(), l.v_cache.clone()) for l in engine.weights.backbone.layers]))
+    (h, positions, caches), (h_ref, positions_ref, caches_ref) = results[1], results[0]
+    assert torch.equal(positions, positions_ref) and positions.tolist() == [tokens.shape[0] - 1, 6]
+    torch.testing.assert_close(h, h_ref, rtol=1e-2, atol=1e-2)
+    n = tokens.shape[0] - 1
+    for pair, ref_pair in zip(caches, caches_ref):
+        for cache, ref in zip(pair, ref_pair):
+            assert rel_err(cache[0, :n], ref[0, :n]) < 2e-2 and rel_err(cache[2, :6], ref[2, :6]) < 2e-2
+            assert (cache[0, n:] == SENTINEL).all() and (cache[1] == SENTINEL).all()

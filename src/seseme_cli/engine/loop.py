@@ -13,8 +13,9 @@ go). One `step()`:
 4. reads the *previous* frame's codes (its copy finished while this frame ran: the host never waits for the frame
    it just queued, unless a new listener waits for its first frame while few rows run) and, per row: keeps the
    frame, or ends the generation at an all-zero frame (the original's end of speech, dropped) or at the frame limit;
-   a long text's next chunk is queued for step 2 in the same row, with the spoken chunks as context (the row runs
-   on meanwhile, its frames dropped); a finished request frees its row;
+   a long text's next chunk is queued for step 2 in the same row, with the spoken chunks as context (the row's
+   cache already holds them, so only the new text is prefilled; the row runs on meanwhile, its frames dropped);
+   a finished request frees its row;
 5. now and then hands the new frames to the audio decoder (engine.audio_rounds: one decoder slot per request,
    rounds when some request has enough frames for its next chunk; a listener's chunks grow 1, 1, 2, 4, ... frames).
 A row that ended runs one frame more (the one already queued); its codes are ignored. Idle rows inside the batch
@@ -129,6 +130,9 @@ class SpeechEngine:
                                      first_chunk_frames, chunk_frames)
         dummy = torch.zeros(1, self.K + 1, dtype=torch.long)
         self._park_prompt = (dummy, dummy.bool())
+        # A long text's next chunk prefills only what its row's cache does not hold yet (speech.longform); off,
+        # each chunk's whole prompt is prefilled (the comparison the tests make).
+        self.resume_chunks = True
         for row in range(self.B):
             self._park(row)
 
@@ -299,7 +303,7 @@ class SpeechEngine:
         for row, state in self._continuing:
             if self.rows[row] is not state or state.awaiting is None:  # aborted or failed meanwhile
                 continue
-            need = state.awaiting.tokens.shape[0] - 1
+            need = self._prefill_rows(state.awaiting)
             if rows and rows + need > self.prefill_rows_per_step and self.positions[row] + 3 < self.window:
                 waiting.append((row, state))
                 continue
@@ -345,7 +349,7 @@ class SpeechEngine:
                 handle.deliver_end(FAILED, " ".join(str(e).split()), e)
                 out.finished.append(handle)
                 continue
-            if budget is not None and rows and rows + gen.tokens.shape[0] - 1 > budget:
+            if budget is not None and rows and rows + self._prefill_rows(gen) > budget:
                 handle.prepared = (job, gen)  # first in line at the next step, its context already encoded
                 self.waiting.appendleft(handle)
                 break
@@ -357,16 +361,22 @@ class SpeechEngine:
             handle.status, handle.started, handle.chunks_total = RUNNING, time.perf_counter(), len(job.chunks)
             self.rows[row] = state
             self._start_generation(row, state, gen)
-            rows += gen.tokens.shape[0] - 1
+            rows += self._prefill_rows(gen)
 
     def _prepare(self, handle: RequestHandle):
         """A waiting request's job (its context encoded) and first generation (its prompt)."""
         job = SpeechJob(handle.request, self.tts.encode_context(handle.request.context), self.prompts)
         return job, job.next_generation()
 
+    def _prefill_rows(self, gen) -> int:
+        return gen.prefill_rows if self.resume_chunks else gen.tokens.shape[0] - 1
+
     def _start_generation(self, row: int, state: _Row, gen) -> None:
         sampling = state.handle.request.sampling
-        self._pending[row] = (row, gen.tokens, gen.mask, sampling.temperature, sampling.topk, gen.seed)
+        # A long text's next chunk stays in the row of the one before, whose cache holds most of its prompt.
+        start = gen.cached if self.resume_chunks else 0
+        self._pending[row] = (row, gen.tokens[start:], gen.mask[start:], sampling.temperature, sampling.topk,
+                              gen.seed, start)
         self.positions[row] = gen.tokens.shape[0] - 1
         state.limit, state.pieces = gen.max_frames, []
 

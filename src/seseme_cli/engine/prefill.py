@@ -74,23 +74,28 @@ class Prompts:
 
 
 def pack_prompts(requests, num_codebooks: int, num_rows: int, max_seq_len: int, device) -> Prompts:
-    """[(row, tokens (T, K+1), mask (T, K+1), temperature, topk, seed), ...] -> Prompts on `device`.
+    """[(row, tokens (T, K+1), mask (T, K+1), temperature, topk, seed[, start]), ...] -> Prompts on `device`.
+    `start` (default 0): the cache position of the prompt's first frame; the row's cache slots before it are kept
+    (they hold the frames before these, e.g. a long text's earlier chunks) and the prompt's rows attend to them.
 
-    ValueError for a malformed request, a row outside [0, num_rows) or given twice, or T outside
+    ValueError for a malformed request, a row outside [0, num_rows) or given twice, or start + T outside
     [1, max_seq_len] (the kernels would silently skip an out-of-range cache slot)."""
     if not requests:
         raise ValueError("pack_prompts: no requests")
     width = num_codebooks + 1
-    rows, tokens, masks, temps, topks, seeds = [], [], [], [], [], []
-    for row, t, m, temperature, topk, seed in requests:
+    rows, tokens, masks, temps, topks, seeds, starts = [], [], [], [], [], [], []
+    for row, t, m, temperature, topk, seed, *start in requests:
+        start = int(start[0]) if start else 0
         if t.dim() != 2 or t.shape[1] != width or m.shape != t.shape:
             raise ValueError(f"prompt for row {row}: tokens and mask must be (T, {width}), "
                              f"got {tuple(t.shape)} and {tuple(m.shape)}")
-        if not 1 <= t.shape[0] <= max_seq_len:
-            raise ValueError(f"prompt for row {row}: {t.shape[0]} frames; 1..{max_seq_len} fit the context window")
+        if start < 0 or not 1 <= start + t.shape[0] <= max_seq_len:
+            raise ValueError(f"prompt for row {row}: {t.shape[0]} frames from position {start}; positions "
+                             f"0..{max_seq_len - 1} fit the context window")
         if not 0 <= row < num_rows or row in rows:
             raise ValueError(f"row {row}: rows must be distinct and in [0, {num_rows})")
         rows.append(int(row))
+        starts.append(start)
         tokens.append(t.to("cpu", torch.long))
         masks.append(m.to("cpu", torch.long))
         temps.append(float(temperature))
@@ -98,7 +103,7 @@ def pack_prompts(requests, num_codebooks: int, num_rows: int, max_seq_len: int, 
         seeds.append(int(seed))
     frames = [t.shape[0] for t in tokens]
     pre = torch.tensor([T - 1 for T in frames])
-    positions = torch.cat([torch.arange(T - 1) for T in frames])
+    positions = torch.cat([torch.arange(start, start + T - 1) for start, T in zip(starts, frames)])
     parts = [
         torch.cat([t[:-1] for t in tokens] + [t[-1:] for t in tokens]).flatten(),
         torch.cat([m[:-1] for m in masks] + [m[-1:] for m in masks]).flatten(),
@@ -106,7 +111,7 @@ def pack_prompts(requests, num_codebooks: int, num_rows: int, max_seq_len: int, 
         torch.repeat_interleave(torch.tensor(rows), pre),
         positions + 1,
         torch.tensor(rows),
-        pre,  # = the last frame's position
+        pre + torch.tensor(starts),  # the last frame's position
         torch.tensor(topks),
         torch.tensor(seeds),
         torch.tensor(temps, dtype=torch.float64).view(torch.int64),  # the bits travel in the int64 tensor

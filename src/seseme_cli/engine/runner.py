@@ -111,17 +111,19 @@ class Engine:
     # --- requests ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def set_row(self, row: int, tokens: torch.Tensor, mask: torch.Tensor, temperature: float, topk: int, seed: int) -> None:
-        """Prefill a prompt (T, K+1) into cache row `row`: frames 0..T-2 into the caches, frame T-1 becomes the
-        input of the row's first graph step."""
-        self.set_rows([(row, tokens, mask, temperature, topk, seed)])
+    def set_row(self, row: int, tokens: torch.Tensor, mask: torch.Tensor, temperature: float, topk: int, seed: int,
+                start: int = 0) -> None:
+        """Prefill a prompt (T, K+1) into cache row `row` from cache position `start` (the slots before it are
+        kept: the frames before this prompt's): frames 0..T-2 into the caches, frame T-1 becomes the input of the
+        row's first graph step."""
+        self.set_rows([(row, tokens, mask, temperature, topk, seed, start)])
 
     @torch.inference_mode()
     def set_rows(self, requests) -> None:
-        """`set_row` for many rows at once: [(row, tokens, mask, temperature, topk, seed), ...], each row at most
-        once. All prompts are prefilled together through the engine's kernels (`self.prefill`), one query row per
-        frame; up to a chunk of rows replays a captured graph padded to the next of prefill.GRAPH_ROWS, more run
-        eagerly in chunks, nothing padded.
+        """`set_row` for many rows at once: [(row, tokens, mask, temperature, topk, seed[, start]), ...], each row
+        at most once. All prompts are prefilled together through the engine's kernels (`self.prefill`), one query
+        row per frame; up to a chunk of rows replays a captured graph padded to the next of prefill.GRAPH_ROWS,
+        more run eagerly in chunks, nothing padded.
         ValueError for a bad request (see prefill.pack_prompts)."""
         if not requests:
             return
