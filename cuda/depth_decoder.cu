@@ -373,6 +373,9 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_steps_kernel(const Dep
             gemv<T, NT, false>(static_cast<const T*>(L.w_down), a.dim, a.ffn, xs, a.n, h, h, red);
             if (l + 1 < a.num_layers)
                 gemv_prefetch<T, false>(static_cast<const T*>(a.layers[l + 1].wqkv), qkv_dim, a.dim);
+            else
+                gemv_prefetch<T, false>(static_cast<const T*>(a.heads) + (size_t)(i - 1) * a.head_stride, a.vocab,
+                                        a.dim);
             bar.sync();
         }
 
@@ -471,7 +474,11 @@ const char* depth_steps_shape_error(int n, int num_layers, int dim, int heads_q,
     probe.vocab = vocab;
     probe.cache_len = (int)cache_len;
     const int nt = n <= 1 ? 1 : n <= 2 ? 2 : 4;
-    if (smem_total(nt, probe) > 227 * 1024) return "depth_steps: rows of dim / ffn too large for shared memory";
+    // sm_90 gives a block 227 KB of shared memory, its static arrays (the draw's and the reductions', ptxas:
+    // 1,296 B) included.
+    constexpr size_t kStaticSmemBound = 2048;
+    if (smem_total(nt, probe) > 227 * 1024 - kStaticSmemBound)
+        return "depth_steps: rows of dim / ffn too large for shared memory";
     return nullptr;
 }
 

@@ -33,8 +33,9 @@ struct DepthLayer {
 //   i < num_codebooks - 1, h[r] = embed[i * vocab + code] (the next step's input).
 // logits: row r of step i at logits + i * logits_step_stride + r * vocab (step stride 0: one buffer for every
 // step, which then holds the last step's). qkv (n, q + 2 kv), attn (n, q) and act (n, ffn) are scratch.
-// barrier: two zeroed uint32 words the kernel leaves zeroed (a grid-wide barrier between dependent phases);
-// one launch at a time may use them.
+// barrier: two uint32 words for a grid-wide barrier between dependent phases: the arrival count, zero, which
+// the kernel leaves zero, and the generation, which it moves on by one per barrier; one launch at a time may use
+// them.
 struct DepthStepsArgs {
     DepthLayer layers[kDepthMaxLayers];
     int num_layers;

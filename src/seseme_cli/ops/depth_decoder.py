@@ -40,8 +40,9 @@ def depth_steps(stack, heads: Tensor, embed: Tensor, h: Tensor, codes: Tensor, t
     first_step (left holding the last step's residual stream); codes (K, >= n) int64, rows first_step.. written;
     temperature, topk, seeds, counters: the sampling settings of ops.sampling, (n,) each.
     qkv (>= n, q + 2 kv), attn (>= n, H, hd) and act (>= n, ffn) are scratch; logits (n, V) receives each step's
-    logits in turn, or (K, n, V) keeps step i's at logits[i]; barrier: 2 zeroed int32 that the kernel leaves zeroed
-    (one launch at a time per barrier). forced (K, >= n) int64: the codes to take instead of the draws (teacher
+    logits in turn, or (K, n, V) keeps step i's at logits[i]; barrier: 2 int32, the first (the arrival count) zero,
+    which the kernel leaves zero while it moves the second (the barrier's generation) on; one launch at a time per
+    barrier. forced (K, >= n) int64: the codes to take instead of the draws (teacher
     forcing). blocks: the kernel's grid (None: one block per SM), for tests.
     """
     _check_args(stack, heads, embed, h, codes, temperature, topk, seeds, counters, first_step, qkv, attn, act,
@@ -54,7 +55,7 @@ def depth_steps(stack, heads: Tensor, embed: Tensor, h: Tensor, codes: Tensor, t
     K, V = codes.shape[0], heads.shape[1]
     layer0 = stack.layers[0]
     _, S, Hkv, hd = layer0.k_cache.shape
-    H = attn.shape[1]
+    H, ffn = layer0.wo.shape[1] // hd, layer0.w_down.shape[1]  # the weights' (_check_args: the scratch's too)
     layers = [(l.attn_norm.data_ptr(), l.wqkv.data_ptr(), l.wo.data_ptr(), l.mlp_norm.data_ptr(),
                l.w_gate_up.data_ptr(), l.w_down.data_ptr(), l.k_cache.data_ptr(), l.v_cache.data_ptr())
               for l in stack.layers]
@@ -64,7 +65,7 @@ def depth_steps(stack, heads: Tensor, embed: Tensor, h: Tensor, codes: Tensor, t
         logits.stride(0) if logits.dim() == 3 else 0, codes.data_ptr(), codes.stride(0),
         0 if forced is None else forced.data_ptr(), 0 if forced is None else forced.stride(0),
         temperature.data_ptr(), topk.data_ptr(), seeds.data_ptr(), counters.data_ptr(), barrier.data_ptr(),
-        float(stack.eps), hd ** -0.5, n, D, H, Hkv, hd, act.shape[1], V, first_step, K, S,
+        float(stack.eps), hd ** -0.5, n, D, H, Hkv, hd, ffn, V, first_step, K, S,
         layer0.k_cache.shape[0], dtype_code(h.dtype), blocks or 0, stream_handle(h.device.index or 0))
 
 
@@ -108,16 +109,29 @@ def kernel_applies(stack, heads: Tensor, embed: Tensor, h: Tensor, codes: Tensor
         codes.shape[0], S, cache_batch, dtype_code(h.dtype))
     if error is not None:
         return False
-    tensors = [heads, embed, h, logits, stack.norm, stack.inv_freq]
+    # The kernel takes layer 0's shapes for every layer, and h's type for every 16-bit tensor it reads or writes.
+    D, q, kv, ffn = h.shape[1], H * hd, Hkv * hd, layer0.w_down.shape[1]
+    same_layers = all(
+        l.wqkv.shape == (q + 2 * kv, D) and l.wo.shape == (D, q) and l.w_gate_up.shape == (2 * ffn, D)
+        and l.w_down.shape == (D, ffn) and l.attn_norm.shape == (D,) and l.mlp_norm.shape == (D,)
+        and l.k_cache.shape == layer0.k_cache.shape and l.v_cache.shape == layer0.k_cache.shape
+        for l in stack.layers)
+    # One attention block per (head, row) must be resident beside the others (the grid is one block per SM).
+    fits_grid = H * h.shape[0] <= torch.cuda.get_device_properties(h.device).multi_processor_count
+    tensors = [heads, embed, h, logits, stack.norm]
     for layer in stack.layers:
         tensors += [layer.attn_norm, layer.wqkv, layer.wo, layer.mlp_norm, layer.w_gate_up, layer.w_down,
                     layer.k_cache, layer.v_cache]
-    rows_contiguous = heads.stride(2) == 1 and heads.stride(1) == h.shape[1]
+    same_dtype = (all(t.dtype == h.dtype for t in tensors) and stack.inv_freq.dtype == torch.float32
+                  and stack.inv_freq.shape == (hd // 2,))
+    tensors.append(stack.inv_freq)
+    # heads' rows are read 16 bytes at a time from heads + (i - 1) * stride(0)
+    rows_contiguous = heads.stride(2) == 1 and heads.stride(1) == D and heads.stride(0) % 8 == 0
     aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
     contiguous = all(t.is_contiguous() for t in tensors if t is not heads) and rows_contiguous
     no_autograd = not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))  # the kernel has no backward
-    return (aligned and contiguous and no_autograd and codes.stride(1) == 1
-            and (forced is None or forced.stride(1) == 1))
+    return (same_layers and fits_grid and same_dtype and aligned and contiguous and no_autograd
+            and codes.stride(1) == 1 and (forced is None or forced.stride(1) == 1))
 
 
 def _check_args(stack, heads, embed, h, codes, temperature, topk, seeds, counters, first_step, qkv, attn, act,
@@ -142,12 +156,16 @@ def _check_args(stack, heads, embed, h, codes, temperature, topk, seeds, counter
         raise ValueError(f"depth_steps: logits must be ({n}, {V}) or ({K}, {n}, {V}), got {tuple(logits.shape)}")
     for name, t, dtype in (("temperature", temperature, torch.float32), ("topk", topk, torch.int32),
                            ("seeds", seeds, torch.int64), ("counters", counters, torch.int64)):
-        if t.shape != (n,) or t.dtype != dtype:
-            raise ValueError(f"depth_steps: {name} must be {dtype} ({n},), got {t.dtype} {tuple(t.shape)}")
-    for name, t in (("qkv", qkv), ("attn", attn), ("act", act)):
-        if t.shape[0] < n or not t.is_contiguous():
-            raise ValueError(f"depth_steps: {name} must be contiguous with >= {n} rows, got {tuple(t.shape)}")
-    if barrier.shape != (2,) or barrier.dtype != torch.int32:
+        if t.shape != (n,) or t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"depth_steps: {name} must be contiguous {dtype} ({n},), got {t.dtype} {tuple(t.shape)}")
+    layer0 = stack.layers[0]
+    _, _, Hkv, hd = layer0.k_cache.shape
+    H, ffn = layer0.wo.shape[1] // hd, layer0.w_down.shape[1]
+    for name, t, row in (("qkv", qkv, ((H + 2 * Hkv) * hd,)), ("attn", attn, (H, hd)), ("act", act, (ffn,))):
+        if t.shape[0] < n or tuple(t.shape[1:]) != row or t.dtype != h.dtype or not t.is_contiguous():
+            raise ValueError(f"depth_steps: {name} must be contiguous {h.dtype} (>= {n}, "
+                             f"{', '.join(map(str, row))}), got {t.dtype} {tuple(t.shape)}")
+    if barrier.shape != (2,) or barrier.dtype != torch.int32 or not barrier.is_contiguous():
         raise ValueError(f"depth_steps: barrier must be int32 (2,), got {barrier.dtype} {tuple(barrier.shape)}")
     if forced is not None and (forced.dtype != torch.int64 or forced.dim() != 2 or forced.shape[0] != K
                                or forced.shape[1] < n):
