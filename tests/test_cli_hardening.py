@@ -100,13 +100,15 @@ def test_version_lines():
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == f"seseme {seseme_cli.__version__}"
-    assert [line.split(":")[0] for line in lines[1:]] == ["kernels", "torch", "GPU", "kernel tuning", "model cache"]
+    assert [line.split(":")[0] for line in lines[1:]] == ["kernels", "torch", "GPU", "kernel tuning", "depth decoder",
+                                                         "model cache"]
     import torch
 
     assert torch.__version__ in lines[2] and (torch.version.cuda or "CPU-only") in lines[2]
     if not gpu_visible():
         assert lines[3] == "GPU: no GPU (no NVIDIA driver (libcuda) found)" or lines[3].startswith("GPU: no GPU")
         assert lines[4] == "kernel tuning: none (no GPU)"
+    assert "kernel" in lines[5] or "reference" in lines[5]  # the depth decoder's path, whatever the build
 
 
 FAKE_H200 = probe.Gpu(0, "NVIDIA H200", (9, 0), 132, 150.0)

@@ -128,6 +128,18 @@ def test_a_persistent_depth_launch_refused_falls_back_to_the_separate_kernels_cp
     assert engine_frame.PERSISTENT_DEPTH is False  # asked once, not every frame
 
 
+def test_bench_reports_which_kernels_run_the_depth_steps_cpu(monkeypatch):
+    _, model = models("tiny-random", "cpu", torch.float32)
+    engine = Engine(model, max_batch=2, use_graphs=False)
+    path = lambda: engine_frame.depth_decoder_path(engine.weights, engine.buf, 2)  # noqa: E731
+    monkeypatch.setattr(engine_frame, "PERSISTENT_DEPTH", True)
+    assert path() == "separate kernels"  # on a CPU the kernel never applies
+    monkeypatch.setattr(engine_frame, "depth_kernel_applies", lambda *args: True)
+    assert path() == "persistent kernel"
+    monkeypatch.setattr(engine_frame, "PERSISTENT_DEPTH", False)  # off, or turned off by a refused launch
+    assert path() == "separate kernels"
+
+
 def test_above_64_rows_the_padded_heads_give_the_reference_logits_cpu():
     # Buckets above 64 rows project the heads from storage padded to a multiple of 8 vocab rows into logits rows of
     # that width (engine.pack, engine.frame); the model's head parameters are views of that storage.

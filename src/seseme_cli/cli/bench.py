@@ -82,13 +82,13 @@ def _print_bench(results, copy_gb_s: float, tts) -> None:
 
     slowest = max(r.ms_per_frame for r in results if r.batch == 1) if any(r.batch == 1 for r in results) else None
     table = Table(title=f"{torch.cuda.get_device_name()} | {tts.description} | copy bandwidth {copy_gb_s:.0f} GB/s")
-    for col in ("what", "weights", "batch", "ms/frame", "frames/s", "x real time", "first frame ms", "first audio ms", "GB/s",
+    for col in ("what", "weights", "depth steps 2-31", "batch", "ms/frame", "frames/s", "x real time", "first frame ms", "first audio ms", "GB/s",
                 "% copy bw", "peak GB", "speedup"):
         table.add_column(col, justify="right" if col != "what" else "left")
     for r in results:
         speedup = f"{slowest / r.ms_per_frame * r.batch:.0f}x" if slowest else ""
         table.add_row(
-            r.name, r.extra.get("weights_path", ""), str(r.batch), f"{r.ms_per_frame:.2f}", f"{r.frames_per_s:.0f}", f"{r.real_time_factor:.1f}",
+            r.name, r.extra.get("weights_path", ""), r.extra.get("depth_path", ""), str(r.batch), f"{r.ms_per_frame:.2f}", f"{r.frames_per_s:.0f}", f"{r.real_time_factor:.1f}",
             "" if r.ttff_ms is None else f"{r.ttff_ms:.1f}",
             "" if r.extra.get("ttfa_ms") is None else f"{r.extra['ttfa_ms']:.1f}",
             "" if r.gb_per_s is None else f"{r.gb_per_s:.0f}",

@@ -8,6 +8,7 @@ and exits non-zero.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -44,6 +45,16 @@ def _torch_line(t: probe.Torch) -> str:
 
 def _gpu_line(gpus: list[probe.Gpu], why: str | None) -> str:
     return "; ".join(g.describe() for g in gpus) if gpus else f"no GPU ({why})"
+
+
+def _depth_line(k: probe.Kernels) -> str:
+    """Which kernels run the depth decoder's steps 2..31 (issue: the chosen path is reported)."""
+    if not k.cuda:
+        return "the plain-PyTorch reference (no CUDA kernels)"
+    # engine.frame.PERSISTENT_DEPTH's rule, read here without importing the engine (--version imports no torch)
+    if os.environ.get("SESEME_PERSISTENT_DEPTH", "0") == "1":
+        return "the persistent kernel at batches 1-4 (SESEME_PERSISTENT_DEPTH=1), separate kernels above"
+    return "separate kernels (the persistent kernel is off until measured; SESEME_PERSISTENT_DEPTH=1 turns it on)"
 
 
 def _tuning_line(k: probe.Kernels, gpus: list[probe.Gpu]) -> str:
@@ -89,6 +100,7 @@ def print_version() -> None:
         f"torch: {_torch_line(torch_build)}",
         f"GPU: {_gpu_line(gpus, why)}",
         f"kernel tuning: {_safe(lambda: _tuning_line(kernels, gpus))}",
+        f"depth decoder: {_safe(lambda: _depth_line(kernels))}",
         f"model cache: {_safe(_cache_line)}",
     ]
     for line in lines:

@@ -14,6 +14,7 @@ import torch
 
 from seseme_cli.model.checkpoints import _HF_LAYER, _HF_TOP
 from seseme_cli.api import CSM, FRAME_MS
+from seseme_cli.engine import frame
 from seseme_cli.model.reference import generate_frames
 from seseme_cli.speech.request import SpeechRequest
 
@@ -136,8 +137,6 @@ def time_to_first_audio(tts: CSM, seed: int, rounds: int = 6) -> float:
 def weights_path(engine, batch: int) -> str:
     """Which kernels a frame of `batch` rows runs its projections on, for the results: "bf16", or for fp8
     weights which calls take the fp8 GEMV."""
-    from seseme_cli.engine import frame
-
     if engine.weights.format != "fp8":
         return "bf16"
     rows = {"backbone and heads": batch, "depth step 0": 2 * batch, "depth steps 1-30": batch}
@@ -184,7 +183,9 @@ def bench_engine(tts: CSM, batch: int, frames: int, warmup: int = 10, seed: int 
         gb_per_s=bytes_per_frame(engine, batch, position) / (ms * 1e-3) / 1e9,
         peak_gb=torch.cuda.max_memory_allocated() / 1e9,
         extra={"prompt_frames": tokens.shape[0], "graphs": bool(engine.graphs), "first_ttff_ms": ttffs[0],
-               "ttfa_ms": ttfa, "weights": engine.weights.format, "weights_path": weights_path(engine, batch)},
+               "ttfa_ms": ttfa, "weights": engine.weights.format, "weights_path": weights_path(engine, batch),
+               # after the timed frames: a launch the GPU refused has turned the persistent kernel off by now
+               "depth_path": frame.depth_decoder_path(engine.weights, engine.buf, batch)},
     )
 
 
