@@ -128,6 +128,17 @@ def test_a_persistent_depth_launch_refused_falls_back_to_the_separate_kernels_cp
     assert engine_frame.PERSISTENT_DEPTH is False  # asked once, not every frame
 
 
+def test_batch_buckets_double_up_to_128_rows_then_step_by_64():
+    from seseme_cli.engine.runner import bucket_sizes
+
+    assert bucket_sizes(1) == [1] and bucket_sizes(3) == [1, 2, 3]
+    assert bucket_sizes(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert bucket_sizes(512) == [1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512]
+    assert bucket_sizes(200) == [1, 2, 4, 8, 16, 32, 64, 128, 192, 200]
+    engine = Engine(models("tiny-random", "cpu", torch.float32)[1], max_batch=200, use_graphs=False)
+    assert [engine.bucket_for(n) for n in (1, 3, 100, 129, 193, 200)] == [1, 4, 128, 192, 200, 200]
+
+
 def test_bench_reports_which_kernels_run_the_depth_steps_cpu(monkeypatch):
     _, model = models("tiny-random", "cpu", torch.float32)
     engine = Engine(model, max_batch=2, use_graphs=False)
@@ -256,6 +267,30 @@ def test_graph_replay_equals_eager_and_is_reproducible(gpu_models):
     assert torch.equal(a, b)  # the captured frame is the eager frame
     assert not torch.equal(a, c)  # another seed, another stream
     assert not torch.equal(a[:, 0], a[:, 1])  # rows have their own seeds
+
+
+@cuda
+@needs_kernels
+def test_the_buckets_graphs_share_one_pool_and_replay_in_any_order_as_eager_frames():
+    """Above 128 rows the buckets step by 64 and their graphs share one memory pool (captured largest first): a
+    replay of one bucket must not disturb what another's replay computes, in whatever order they come."""
+    _, model = models("random", "cuda", torch.bfloat16)
+    engine = Engine(model, max_batch=200)
+    assert sorted(engine.graphs) == [1, 2, 4, 8, 16, 32, 64, 128, 192, 200]
+    tokens, mask = prompt(8, 12)
+    order = [200, 150, 129, 200, 3, 180, 150]  # buckets 200, 192, 192, 200, 4, 192, 192
+
+    def run(graphs: bool):
+        engine.set_rows([(row, tokens, mask, 0.9, 50, 50 + row) for row in range(200)])
+        saved = engine.graphs
+        engine.graphs = saved if graphs else {}
+        try:
+            return [engine.step(n)[:n].clone() for n in order]
+        finally:
+            engine.graphs = saved
+
+    for replayed, eager in zip(run(True), run(False)):
+        assert torch.equal(replayed, eager)
 
 
 @cuda

@@ -93,8 +93,10 @@ def test_rounds_give_each_request_its_one_shot_decode(row_frames_per_call, pcm, 
 def test_slot_buckets():
     assert slot_buckets(1) == [1]
     assert slot_buckets(3) == [1, 3]
-    assert slot_buckets(576) == [1, 4, 16, 64, 128, 256, 512, 576]
-    assert [bucket_for(slot_buckets(576), n) for n in (1, 2, 5, 64, 65, 513, 576)] == [1, 4, 16, 64, 128, 576, 576]
+    assert slot_buckets(576) == [1, 4, 16, 64, 128, 192, 256, 320, 384, 448, 512, 576]
+    assert slot_buckets(150) == [1, 4, 16, 64, 128, 150]
+    assert [bucket_for(slot_buckets(576), n) for n in (1, 2, 5, 64, 65, 129, 300, 513, 576)] == [
+        1, 4, 16, 64, 128, 192, 320, 576, 576]
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])

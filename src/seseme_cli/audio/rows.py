@@ -11,7 +11,7 @@ request's frames:
   on is masked (the round is decoded in segments; moshi's exec mask leaves a masked slot's state as it was), and a
   slot whose request ended is fed padding (it is reset before it is used again).
 
-A round decodes only the first `bucket` slots, the smallest of a few sizes (1, 4, 16, 64, then doubling) that holds
+A round decodes only the first `bucket` slots, the smallest of a few sizes (1, 4, 16, 64, 128, then every 64) that holds
 every slot of the round: a frame of Mimi for all 576 slots of a 512-row engine costs ~14.6 ms on the H200, for one
 slot ~2 ms, and the engine hands out the lowest free slot first, so a lightly loaded engine decodes few slots. A
 bucket runs on views of the first rows of every streaming-state tensor (`_sliced_states`): the same memory, so the
@@ -44,13 +44,18 @@ ROW_FRAMES_PER_CALL = 2048  # slots x frames per eager Mimi call (activation mem
 GRAPH_MAX_FRAMES = 32  # rounds up to this long replay the one-frame graph; longer ones decode in eager calls
 
 
+SLOT_STEP = 64  # from 128 slots on, the buckets are this many slots apart
+
+
 def slot_buckets(slots: int) -> list[int]:
-    """The slot counts a round may decode: 1, 4, 16, 64, then doubling, and all of them. Small steps where a
-    frame's cost is mostly fixed (launches), doubling where it grows with the slots."""
+    """The slot counts a round may decode: 1, 4, 16, 64, 128, then every SLOT_STEP more, and all of them. Small
+    steps where a frame's cost is mostly fixed (launches); from 128 slots it grows in proportion to the slots
+    (H100: 3.74 ms at 128, 5.76 at 256, 9.84 at 512, BENCHMARKS.md run 18a), so buckets that doubled there made
+    a round of 300 slots pay for 512."""
     sizes, size = [], 1
     while size < slots:
         sizes.append(size)
-        size = size * 4 if size < 64 else size * 2
+        size = size * 4 if size < 64 else size * 2 if size < 128 else size + SLOT_STEP
     return [*sizes, slots]
 
 

@@ -1,9 +1,10 @@
 """The GPU engine: static memory, one CUDA graph per batch bucket, prefill, and the frame loop.
 
 `Engine(model, max_batch)` allocates everything once (KV caches, activations, workspaces), packs the weights
-and captures `run_frame` for each bucket (1, 2, 4, ... max_batch). A request's prompt is prefilled into its
-cache row by the engine's kernels (prefill.py: the prompts of a step replay one padded graph, or run eagerly
-when they are more rows than a chunk); from then on every frame is one graph replay. The caller copies
+and captures `run_frame` for each bucket (1, 2, 4, ... 128, then every 64 rows, and max_batch). A request's
+prompt is prefilled into its cache row by the engine's kernels (prefill.py: the prompts of a step replay one
+padded graph, or run eagerly when they are more rows than a chunk); from then on every frame is one graph
+replay. The caller copies
 finished frames to the host without waiting.
 """
 
@@ -49,8 +50,18 @@ def check_batch_fits(cfg, dtype: torch.dtype, device, batch_size: int, reserve_b
         )
 
 
+BUCKET_STEP = 64  # above 128 rows, the batch buckets are this many rows apart
+
+
 def bucket_sizes(max_batch: int) -> list[int]:
-    sizes = [1 << i for i in range(max_batch.bit_length()) if (1 << i) < max_batch]
+    """The batch sizes that get a frame graph (a step runs the smallest that holds its rows): powers of two up
+    to 128, then every BUCKET_STEP rows, and max_batch. Up to ~128 rows a frame costs about the same whatever
+    its rows; above, it grows in proportion (H100, BENCHMARKS.md run 6: 12.25 ms at 128 rows, 15.31 at 256,
+    21.29 at 512), so buckets that doubled there made a server at 300 streams pay for 512 rows every step."""
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size = size * 2 if size < 128 else size + BUCKET_STEP
     return sizes + [max_batch]
 
 
@@ -80,8 +91,14 @@ class Engine:
 
     def _capture_all(self) -> None:
         try:
-            for b in self.buckets:
-                self.graphs[b] = self._capture(b)
+            # The largest first, all in its memory pool: a frame's few temporaries then fit in memory the pool
+            # already holds (the graphs are replayed one at a time, their outputs in static buffers), so finer
+            # buckets cost capture time, not memory.
+            pool = None
+            for b in sorted(self.buckets, reverse=True):
+                self.graphs[b] = self._capture(b, pool)
+                pool = self.graphs[b].pool()
+            self.graphs = dict(sorted(self.graphs.items()))
             with torch.inference_mode():
                 self.prefill.capture()  # the prompts admitted in a step (time to first audio, host time under load)
         except RuntimeError as err:  # capture is an optimisation: run eagerly if the driver refuses it
@@ -90,7 +107,7 @@ class Engine:
             self.prefill.graphs = {}
 
     @torch.inference_mode()
-    def _capture(self, b: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, b: int, pool=None) -> torch.cuda.CUDAGraph:
         # Warm up on a side stream (first launches load modules), then capture. The warm-up frames write
         # garbage at the rows' current positions; set_row rewrites every row's state before it is used.
         side = torch.cuda.Stream(self.device)
@@ -99,7 +116,7 @@ class Engine:
             run_frame(self.weights, self.buf, self.schedules[b], b)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             run_frame(self.weights, self.buf, self.schedules[b], b)
         return graph
 
