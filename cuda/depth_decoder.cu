@@ -391,8 +391,8 @@ __global__ void __launch_bounds__(kDepthThreads, 1) depth_steps_kernel(const Dep
         if ((int)blockIdx.x < a.n) {
             const int r = blockIdx.x;
             const unsigned long long best = seseme_sampling::sample_row<T>(
-                logits + (size_t)r * a.vocab, a.vocab, a.temperature[r], a.topk[r], (uint64_t)a.seeds[r],
-                (uint64_t)a.counters[r], (uint32_t)i, reinterpret_cast<float4*>(xs));
+                logits + (size_t)r * a.vocab, a.vocab, a.temperature[r], a.topk[r], a.seeds + r, a.counters + r,
+                (uint32_t)i, reinterpret_cast<float4*>(xs));
             int64_t code = a.forced != nullptr ? a.forced[(size_t)i * a.forced_stride + r]
                                                : (int64_t)seseme_sampling::unpack_index(best);
             code = code < 0 ? 0 : code >= a.vocab ? a.vocab - 1 : code;

@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kSampleMaxThreads, 1)
     extern __shared__ float4 xs4[];  // the row as fp32, padded to whole groups of 4
     const int row = blockIdx.x;
     const unsigned long long best = sample_row<T>(logits + row * row_stride, vocab, temperature[row], topk[row],
-                                                  (uint64_t)seeds[row], (uint64_t)counters[row], codebook, xs4);
+                                                  seeds + row, counters + row, codebook, xs4);
     finish_row(best, out, row, embed);
 }
 

@@ -46,13 +46,15 @@ def test_the_reference_never_reads_a_key_no_query_attends():
     """An unfilled ring slot may hold anything: NaN there changes nothing, while a NaN in an attended row shows."""
     q, k, v, mask = inputs(3, 2, 2, 40, 16, seed=5)
     mask[:, :, :, 20:] = False  # the ring's second half is unfilled
-    mask[0, 0, 0, 0] = True
+    mask[0, :2, 0, 0] = True
     nan_k, nan_v, zero_k, zero_v = unattended_rows_hold_nan(k, v, mask)
     out = masked_attention_ref(q, nan_k, nan_v, mask)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, masked_attention_ref(q, zero_k, zero_v, mask), rtol=0, atol=0)
     nan_v[0, 0, 0] = float("nan")  # a row that query 0 attends
     assert not torch.isfinite(masked_attention_ref(q, nan_k, nan_v, mask)[0, 0, 0]).any()
+    nan_k[0, 1, 0] = float("nan")  # a key that query 0 of head 1 attends: its scores, then its softmax, are NaN
+    assert torch.isnan(masked_attention_ref(q, nan_k, zero_v, mask)[0, 1, 0]).all()  # as the kernel gives it
 
 
 def test_on_the_cpu_the_op_is_its_reference_and_writes_out():

@@ -57,7 +57,10 @@ def masked_attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: f
     unread = ~mask.expand(B, H, T, C).any(dim=2).unsqueeze(-1)  # (B, H, C, 1): keys no query attends
     k, v = k.masked_fill(unread, 0), v.masked_fill(unread, 0)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)  # no key: 0
+    # A query that attends no key gets zeros (softmax would give NaN there); a NaN an attended key brings stays,
+    # as in the kernel (nan_to_num would have turned that query's NaN into zeros too).
+    attends = mask.expand(B, H, T, C).any(dim=-1, keepdim=True)
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(~attends, 0.0)
     y = torch.matmul(weights, v.float()).to(q.dtype)
     return y if out is None else out.copy_(y)
 
