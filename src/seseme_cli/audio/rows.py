@@ -11,10 +11,10 @@ request's frames:
   on is masked (the round is decoded in segments; moshi's exec mask leaves a masked slot's state as it was), and a
   slot whose request ended is fed padding (it is reset before it is used again).
 
-A round decodes only the first `bucket` slots, the smallest of a few sizes (1, 4, 16, 64, 128, then every 64) that holds
-every slot of the round: a frame of Mimi for all 576 slots of a 512-row engine costs ~14.6 ms on the H200, for one
-slot ~2 ms, and the engine hands out the lowest free slot first, so a lightly loaded engine decodes few slots. A
-bucket runs on views of the first rows of every streaming-state tensor (`_sliced_states`): the same memory, so the
+A round decodes only the first `bucket` slots, the smallest of a few sizes (1, 4, 16, 64, 128, then every 64)
+that holds every slot of the round: a frame of Mimi for all 576 slots of a 512-row engine costs ~14.6 ms on the
+H200, for one slot ~2 ms, and the engine hands out the lowest free slot first, so a lightly loaded engine decodes
+few slots. A bucket runs on views of the first rows of every streaming-state tensor (`_sliced_states`): the same memory, so the
 slots' state carries over whatever bucket decodes them next; slots outside the bucket are left as they were, which
 is what the exec mask would have done to them.
 

@@ -4,8 +4,7 @@
 and captures `run_frame` for each bucket (1, 2, 4, ... 128, then every 64 rows, and max_batch). A request's
 prompt is prefilled into its cache row by the engine's kernels (prefill.py: the prompts of a step replay one
 padded graph, or run eagerly when they are more rows than a chunk); from then on every frame is one graph
-replay. The caller copies
-finished frames to the host without waiting.
+replay. The caller copies finished frames to the host without waiting.
 """
 
 from __future__ import annotations

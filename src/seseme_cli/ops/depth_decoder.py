@@ -42,8 +42,8 @@ def depth_steps(stack, heads: Tensor, embed: Tensor, h: Tensor, codes: Tensor, t
     qkv (>= n, q + 2 kv), attn (>= n, H, hd) and act (>= n, ffn) are scratch; logits (n, V) receives each step's
     logits in turn, or (K, n, V) keeps step i's at logits[i]; barrier: 2 int32, the first (the arrival count) zero,
     which the kernel leaves zero while it moves the second (the barrier's generation) on; one launch at a time per
-    barrier. forced (K, >= n) int64: the codes to take instead of the draws (teacher
-    forcing). blocks: the kernel's grid (None: one block per SM), for tests.
+    barrier. forced (K, >= n) int64: the codes to take instead of the draws (teacher forcing). blocks: the
+    kernel's grid (None: one block per SM), for tests.
     """
     _check_args(stack, heads, embed, h, codes, temperature, topk, seeds, counters, first_step, qkv, attn, act,
                 logits, barrier, forced)
