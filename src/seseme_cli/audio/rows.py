@@ -14,9 +14,9 @@ request's frames:
 A round decodes only the first `bucket` slots, the smallest of a few sizes (1, 4, 16, 64, 128, then every 64)
 that holds every slot of the round: a frame of Mimi for all 576 slots of a 512-row engine costs ~14.6 ms on the
 H200, for one slot ~2 ms, and the engine hands out the lowest free slot first, so a lightly loaded engine decodes
-few slots. A bucket runs on views of the first rows of every streaming-state tensor (`_sliced_states`): the same memory, so the
-slots' state carries over whatever bucket decodes them next; slots outside the bucket are left as they were, which
-is what the exec mask would have done to them.
+few slots. A bucket runs on views of the first rows of every streaming-state tensor (`_sliced_states`): the same
+memory, so the slots' state carries over whatever bucket decodes them next; slots outside the bucket are left as
+they were, which is what the exec mask would have done to them.
 
 The decoder is a copy of the codec's model that shares its weights (its streaming state must not collide with
 the codec's other users: context encoding, `say --stream`).
