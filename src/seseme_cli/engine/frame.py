@@ -261,7 +261,7 @@ def run_persistent_depth(w: EngineWeights, buf: FrameBuffers, b: int, teacher: T
     h, codes, d = buf.depth.h[:b], buf.codes[:, :b], w.depth
     logits = buf.logits[:b] if teacher is None else buf.logits.new_empty(K, b, V)
     forced = None if teacher is None else teacher.codes
-    if not _persistent_depth_applies(w, buf, b, logits, forced):
+    if not depth_kernel_applies(d, w.audio_heads, w.projected_embed, h, codes, 2, logits, forced):
         return False
     try:
         depth_steps(d, w.audio_heads, w.projected_embed, h, codes, buf.temperature[:b], buf.topk[:b], buf.seeds[:b],
@@ -277,14 +277,10 @@ def run_persistent_depth(w: EngineWeights, buf: FrameBuffers, b: int, teacher: T
     return True
 
 
-def _persistent_depth_applies(w: EngineWeights, buf: FrameBuffers, b: int, logits, forced) -> bool:
-    return depth_kernel_applies(w.depth, w.audio_heads, w.projected_embed, buf.depth.h[:b], buf.codes[:, :b], 2,
-                                logits, forced)
-
-
 def depth_decoder_path(w: EngineWeights, buf: FrameBuffers, b: int) -> str:
     """What runs depth steps 2..K-1 in a frame of b rows now (`seseme bench` reports it beside each batch)."""
-    if PERSISTENT_DEPTH and w.fp8 is None and _persistent_depth_applies(w, buf, b, buf.logits[:b], None):
+    if PERSISTENT_DEPTH and w.fp8 is None and depth_kernel_applies(
+            w.depth, w.audio_heads, w.projected_embed, buf.depth.h[:b], buf.codes[:, :b], 2, buf.logits[:b], None):
         return "persistent kernel"
     return "separate kernels"
 
